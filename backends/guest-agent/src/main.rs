@@ -1,0 +1,3 @@
+//! The agent that runs as init inside a cellcheck microVM guest.
+
+fn main() {}

@@ -1,0 +1,1 @@
+//! The host reference backend: Linux namespaces, a cgroup leaf per cell, strict spawn hygiene.

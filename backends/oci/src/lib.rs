@@ -1,0 +1,1 @@
+//! OCI runtime backends (runc, crun, runsc) through one bundle generator.

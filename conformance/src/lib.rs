@@ -1,0 +1,1 @@
+//! The shared conformance scenario set, runnable against any cellcheck backend.
