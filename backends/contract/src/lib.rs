@@ -290,6 +290,12 @@ pub trait Backend: Send + Sync {
     /// A functional check: can this backend run a cell on this host right now?
     async fn preflight(&self) -> Availability;
 
+    /// Facts recorded in every result of this backend (e.g. `accelerator = tcg`, runtime version).
+    /// Pure, like [`Backend::capabilities`].
+    fn attributes(&self) -> BTreeMap<String, String> {
+        BTreeMap::new()
+    }
+
     /// Admit the document and start its workload.
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError>;
 
