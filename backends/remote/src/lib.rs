@@ -1,1 +1,300 @@
-//! Out-of-process backends: the driver protocol client (remote) and cell-in-cell (nested).
+//! Out-of-process backends.
+//!
+//! - [`RemoteBackend`]: a [`Backend`] served by a driver program over the driver protocol
+//!   (line-delimited JSON on the driver's stdin/stdout, see `docs/protocol.md` and
+//!   `schema/protocol.schema.json`). Any language can implement a driver.
+//! - `NestedBackend` (module [`nested`]): cell in cell; `cellcheck-driver host` runs inside an outer
+//!   host cell and creates the inner cells.
+//!
+//! Every request has a deadline. A driver that sends a malformed line, answers what was not asked,
+//! crashes or stops answering is killed (by the pid we started) and reaped, and the calls waiting on
+//! it fail with [`CellError::BackendFailure`] naming what happened and during which operation. The
+//! next call starts a fresh driver.
+
+pub mod client;
+pub mod conn;
+pub mod nested;
+pub mod protocol;
+mod spawn;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use cellcheck_contract::{
+    Availability, Backend, Capabilities, CellDocument, CellError, CellHandle, ExecRequest,
+    ExitReport, Footprint, SnapshotRef, TeardownReport,
+};
+
+pub use client::{Deadlines, DriverInfo};
+pub use conn::{Conn, Direction, Tap};
+pub use protocol::PROTOCOL_VERSION;
+
+/// The env var naming a driver command line for the suite (split on whitespace).
+pub const DRIVER_ENV: &str = "CELLCHECK_REMOTE_DRIVER";
+
+/// A JSON value, cut short for messages.
+pub(crate) fn short(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.len() > 200 {
+        format!("{}...", &s[..s.floor_char_boundary_compat(200)])
+    } else {
+        s
+    }
+}
+
+trait FloorCharBoundary {
+    fn floor_char_boundary_compat(&self, i: usize) -> usize;
+}
+impl FloorCharBoundary for str {
+    fn floor_char_boundary_compat(&self, mut i: usize) -> usize {
+        while !self.is_char_boundary(i) {
+            i -= 1;
+        }
+        i
+    }
+}
+
+/// Options of a [`RemoteBackend`].
+#[derive(Clone, Default)]
+pub struct RemoteOptions {
+    pub deadlines: Deadlines,
+    /// Sees every protocol line (tests validate them against the schema).
+    pub tap: Option<Tap>,
+}
+
+/// A backend served by a driver process.
+pub struct RemoteBackend {
+    name: String,
+    argv: Vec<String>,
+    opts: RemoteOptions,
+    info: DriverInfo,
+    conn: Mutex<Arc<Conn>>,
+    /// Per live cell: its own bound (timeoutMs), which sets how long `wait` may take.
+    bounds: Mutex<HashMap<String, Option<u64>>>,
+    /// The last footprint the driver gave per id, for when it can no longer be asked.
+    footprints: Mutex<HashMap<String, Footprint>>,
+}
+
+impl RemoteBackend {
+    /// Start `argv` as a driver and shake hands with it (blocking; no runtime needed).
+    pub fn new(name: impl Into<String>, argv: Vec<String>) -> Result<Self, CellError> {
+        Self::with_options(name, argv, RemoteOptions::default())
+    }
+
+    /// The driver named by [`DRIVER_ENV`], if the variable is set.
+    pub fn from_env(name: impl Into<String>) -> Option<Result<Self, CellError>> {
+        let cmd = std::env::var(DRIVER_ENV).ok()?;
+        let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
+        Some(Self::new(name, argv))
+    }
+
+    pub fn with_options(
+        name: impl Into<String>,
+        argv: Vec<String>,
+        opts: RemoteOptions,
+    ) -> Result<Self, CellError> {
+        let name = name.into();
+        let conn = spawn::spawn(&name, &argv, opts.tap.clone())?;
+        let info = client::handshake_blocking(&conn, &opts.deadlines)?;
+        Ok(RemoteBackend {
+            name,
+            argv,
+            opts,
+            info,
+            conn: Mutex::new(Arc::new(conn)),
+            bounds: Mutex::new(HashMap::new()),
+            footprints: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// What the handshake learnt about the driver.
+    pub fn driver_info(&self) -> &DriverInfo {
+        &self.info
+    }
+
+    /// The current connection; a dead one is replaced by a fresh driver first.
+    fn conn(&self) -> Result<Arc<Conn>, CellError> {
+        let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
+        if g.dead().is_some() {
+            let conn = spawn::spawn(&self.name, &self.argv, self.opts.tap.clone())?;
+            let info = client::handshake_blocking(&conn, &self.opts.deadlines)?;
+            if info.capabilities != self.info.capabilities {
+                return Err(CellError::failure(format!(
+                    "{}: restarted driver declares other capabilities than at start",
+                    conn.label()
+                )));
+            }
+            // Cells of the dead driver are gone with it (drivers destroy their cells on exit).
+            self.bounds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+            *g = Arc::new(conn);
+        }
+        Ok(g.clone())
+    }
+
+    /// Ask the driver to destroy its cells and exit; waits up to `grace`, then kills it.
+    /// Returns how the driver ended.
+    pub fn close(&self, grace: Duration) -> String {
+        let c = self.conn.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        c.close(grace)
+    }
+
+    fn remember_footprint(&self, id: &str, conn: &Conn) {
+        if let Ok(f) = client::footprint_blocking(conn, &self.opts.deadlines, id) {
+            self.footprints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id.to_string(), f);
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for RemoteBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.info.capabilities.clone()
+    }
+
+    fn attributes(&self) -> BTreeMap<String, String> {
+        let mut a = self.info.attributes.clone();
+        a.insert("driver".into(), self.info.driver.clone());
+        a.insert("driver.backend".into(), self.info.backend.clone());
+        a.insert("protocol".into(), self.info.version.to_string());
+        a
+    }
+
+    async fn preflight(&self) -> Availability {
+        let r = match self.conn() {
+            Ok(c) => client::preflight(&c, &self.opts.deadlines).await,
+            Err(e) => Err(e),
+        };
+        r.unwrap_or_else(|e| Availability::Unavailable {
+            reason: e.to_string(),
+        })
+    }
+
+    async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
+        // Refuse a bad document here, so no driver ever sees one from this client.
+        let cell = doc.admit()?;
+        let c = self.conn()?;
+        self.remember_footprint(cell.id(), &c);
+        let h = client::create(&c, &self.opts.deadlines, doc).await?;
+        self.bounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(h.id.clone(), cell.timeout_ms());
+        Ok(h)
+    }
+
+    async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
+        let bound = self
+            .bounds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .copied()
+            .flatten();
+        let c = self.conn()?;
+        client::wait(&c, self.opts.deadlines.for_bounded(bound), id).await
+    }
+
+    async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
+        let c = self.conn()?;
+        let r = client::destroy(&c, &self.opts.deadlines, id).await;
+        if r.is_ok() {
+            self.bounds
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        }
+        r
+    }
+
+    fn footprint(&self, id: &str) -> Footprint {
+        let fresh = self
+            .conn()
+            .and_then(|c| client::footprint_blocking(&c, &self.opts.deadlines, id));
+        let mut cache = self.footprints.lock().unwrap_or_else(|p| p.into_inner());
+        match fresh {
+            Ok(f) => {
+                cache.insert(id.to_string(), f.clone());
+                f
+            }
+            Err(e) => {
+                eprintln!(
+                    "{}: footprint of {id} from the last answer ({e})",
+                    self.name
+                );
+                cache.get(id).cloned().unwrap_or_default()
+            }
+        }
+    }
+
+    async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
+        self.info
+            .capabilities
+            .require(cellcheck_contract::Capability::Exec)?;
+        let c = self.conn()?;
+        client::exec(&c, &self.opts.deadlines, id, &req).await
+    }
+
+    async fn snapshot(&self, id: &str) -> Result<SnapshotRef, CellError> {
+        self.info
+            .capabilities
+            .require(cellcheck_contract::Capability::Snapshot)?;
+        let c = self.conn()?;
+        client::snapshot(&c, &self.opts.deadlines, id).await
+    }
+
+    async fn restore(&self, snap: &SnapshotRef, new_id: &str) -> Result<CellHandle, CellError> {
+        self.info
+            .capabilities
+            .require(cellcheck_contract::Capability::Snapshot)?;
+        let c = self.conn()?;
+        client::restore(&c, &self.opts.deadlines, snap, new_id).await
+    }
+
+    async fn delete_snapshot(&self, snap: &SnapshotRef) -> Result<(), CellError> {
+        self.info
+            .capabilities
+            .require(cellcheck_contract::Capability::Snapshot)?;
+        let c = self.conn()?;
+        client::delete_snapshot(&c, &self.opts.deadlines, snap).await
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), CellError> {
+        self.info
+            .capabilities
+            .require(cellcheck_contract::Capability::Pause)?;
+        let c = self.conn()?;
+        client::pause(&c, &self.opts.deadlines, id).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), CellError> {
+        self.info
+            .capabilities
+            .require(cellcheck_contract::Capability::Pause)?;
+        let c = self.conn()?;
+        client::resume(&c, &self.opts.deadlines, id).await
+    }
+
+    async fn list(&self) -> Vec<String> {
+        match self.conn() {
+            Ok(c) => client::list(&c, &self.opts.deadlines)
+                .await
+                .unwrap_or_else(|e| {
+                    eprintln!("{}: list failed: {e}", self.name);
+                    Vec::new()
+                }),
+            Err(_) => Vec::new(),
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! Cell in cell (filled in below).
