@@ -1,1 +1,62 @@
 //! The shared conformance scenario set, runnable against any cellcheck backend.
+//!
+//! One scenario set (`src/scenarios/`, one module per family) runs against every registered
+//! backend. Each (backend, scenario) pair becomes one libtest-mimic trial named
+//! `{backend}::{family}::{scenario}`, so both `cargo test` and `cargo nextest run` drive it.
+//!
+//! # Running it against your backend
+//!
+//! In your crate, add a test target with `harness = false`:
+//!
+//! ```toml
+//! [[test]]
+//! name = "conformance"
+//! harness = false
+//! ```
+//!
+//! and in `tests/conformance.rs`:
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use cellcheck_conformance::faulty::{FaultyBackend, Fault};
+//! # struct MyBackend;
+//! # impl MyBackend { fn new() -> Arc<dyn cellcheck_contract::Backend> { unimplemented!() } }
+//! fn main() -> std::process::ExitCode {
+//!     cellcheck_conformance::Suite::new()
+//!         .backend(|| MyBackend::new()) // a factory: called lazily, once per process
+//!         .run_from_args()
+//! }
+//! ```
+//!
+//! A backend that runs the fixture rootfs takes the built fixtures instead:
+//! `.backend_with_fixtures("mine", |fx| Arc::new(Mine::new(&fx.rootfs)))`.
+//! `examples/custom_backend.rs` is a complete, compiling example.
+//!
+//! # What a run decides, and where
+//!
+//! - Skips are decided when listing: a scenario needing an unsupported [`Capability`], a backend
+//!   whose preflight says unavailable, or an expectation with `outcome = "skip"` makes the trial
+//!   ignored, and its reason is printed (and recorded in the results file).
+//! - `CELLCHECK_BACKENDS=host,runc` lists only those backends.
+//! - `CELLCHECK_STRICT=1` turns every skip not justified by an expectation into a failure.
+//! - `CELLCHECK_EXPECTATIONS` overrides `matrix/expectations.toml` (see [`expectations`]).
+//! - `CELLCHECK_RESULTS=<path>` appends one JSON line per trial (see [`results`]).
+//! - `CELLCHECK_PREFLIGHT_CACHE=0` disables the per-backend preflight cache.
+//!
+//! Every scenario is followed by the residue checker ([`residue`]), scoped to the cells the
+//! scenario touched, so scenarios may run in parallel in one process.
+//!
+//! [`Capability`]: cellcheck_contract::Capability
+
+pub mod expectations;
+pub mod faulty;
+pub mod harness;
+pub mod ids;
+pub mod preflight;
+pub mod residue;
+pub mod results;
+pub mod scenarios;
+mod suite;
+
+pub use harness::{Ctx, Failure, Scenario};
+pub use suite::{run_scenario, Suite};

@@ -1,0 +1,704 @@
+//! What a scenario sees ([`Ctx`]), what it returns ([`Failure`]), and how one trial runs it:
+//! bounded in time, panics caught, every touched cell destroyed afterwards and checked for residue.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use cellcheck_contract::{
+    Backend, Capabilities, Capability, CellDocument, CellError, CellHandle, ExecRequest, EnvVar,
+    ExitReport, TeardownReport, PROBE_PATH,
+};
+
+use crate::ids::{self, MARKER_VAR};
+use crate::residue::{self, Scope};
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The bound of a scenario unless it asks for another.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a killed process may take to leave `/proc` after destroy returned.
+pub const RESIDUE_GRACE: Duration = Duration::from_millis(1500);
+
+/// One scenario of a family.
+#[derive(Clone, Copy)]
+pub struct Scenario {
+    pub family: &'static str,
+    pub name: &'static str,
+    pub requires: &'static [Capability],
+    pub run: fn(Ctx) -> BoxFuture<'static, Result<(), Failure>>,
+    pub timeout: Duration,
+}
+
+impl Scenario {
+    pub const fn new(
+        family: &'static str,
+        name: &'static str,
+        requires: &'static [Capability],
+        run: fn(Ctx) -> BoxFuture<'static, Result<(), Failure>>,
+    ) -> Self {
+        Scenario {
+            family,
+            name,
+            requires,
+            run,
+            timeout: DEFAULT_TIMEOUT,
+        }
+    }
+
+    pub const fn with_timeout(mut self, t: Duration) -> Self {
+        self.timeout = t;
+        self
+    }
+
+    /// `{family}::{scenario}`, what expectation globs match against.
+    pub fn path(&self) -> String {
+        format!("{}::{}", self.family, self.name)
+    }
+
+    /// The first required capability the backend lacks, with its reason.
+    pub fn missing_capability(&self, caps: &Capabilities) -> Option<String> {
+        self.requires.iter().find_map(|c| match caps.support(*c) {
+            cellcheck_contract::Support::Supported => None,
+            cellcheck_contract::Support::Unsupported { reason } => {
+                Some(format!("capability {c} unsupported: {reason}"))
+            }
+        })
+    }
+}
+
+impl fmt::Debug for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Scenario({}::{})", self.family, self.name)
+    }
+}
+
+/// Why a scenario failed: the step it was in, the cell it was looking at, and what it saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub step: String,
+    pub cell: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "step: {}", self.step)?;
+        if let Some(c) = &self.cell {
+            write!(f, "\ncell: {c}")?;
+        }
+        write!(f, "\n{}", self.message)
+    }
+}
+
+/// Fail the scenario with a formatted message unless `cond` holds.
+#[macro_export]
+macro_rules! check {
+    ($ctx:expr, $cond:expr, $($fmt:tt)+) => {
+        if !$cond {
+            return Err($ctx.fail(format!($($fmt)+)));
+        }
+    };
+}
+
+#[derive(Debug, Clone)]
+struct CellRec {
+    id: String,
+    marker: String,
+    /// Whether `create` (or `restore`) returned Ok, so the harness must destroy it afterwards.
+    live: bool,
+    check_resources: bool,
+    host_pids: Vec<u32>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    step: String,
+    cell: Option<String>,
+    n: u32,
+    cells: Vec<CellRec>,
+    /// Outputs of waits and execs, for the failure report.
+    outputs: Vec<(String, ExitReport)>,
+}
+
+struct Inner {
+    backend: Arc<dyn Backend>,
+    family: &'static str,
+    scenario: &'static str,
+    token: String,
+    state: Mutex<State>,
+}
+
+/// The scenario's handle on the backend. Every call through it is recorded, so the harness knows
+/// which cells to destroy and check afterwards and can say which step failed.
+#[derive(Clone)]
+pub struct Ctx {
+    inner: Arc<Inner>,
+}
+
+impl Ctx {
+    pub fn new(backend: Arc<dyn Backend>, family: &'static str, scenario: &'static str) -> Self {
+        Ctx {
+            inner: Arc::new(Inner {
+                backend,
+                family,
+                scenario,
+                token: ids::random_token(8),
+                state: Mutex::new(State {
+                    step: "start".into(),
+                    ..State::default()
+                }),
+            }),
+        }
+    }
+
+    fn st(&self) -> std::sync::MutexGuard<'_, State> {
+        self.inner.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.inner.backend
+    }
+
+    pub fn backend_arc(&self) -> Arc<dyn Backend> {
+        self.inner.backend.clone()
+    }
+
+    pub fn caps(&self) -> Capabilities {
+        self.inner.backend.capabilities()
+    }
+
+    pub fn has(&self, c: Capability) -> bool {
+        self.caps().has(c)
+    }
+
+    /// `{family}::{scenario}` of the running scenario.
+    pub fn scenario_path(&self) -> String {
+        format!("{}::{}", self.inner.family, self.inner.scenario)
+    }
+
+    /// This trial's random token (part of every cell id and marker).
+    pub fn token(&self) -> &str {
+        &self.inner.token
+    }
+
+    pub fn step(&self, s: impl Into<String>) {
+        self.st().step = s.into();
+    }
+
+    fn set_cell(&self, id: &str) {
+        self.st().cell = Some(id.to_string());
+    }
+
+    /// A failure at the current step and cell.
+    pub fn fail(&self, message: impl Into<String>) -> Failure {
+        let st = self.st();
+        Failure {
+            step: st.step.clone(),
+            cell: st.cell.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// A fresh unique cell id, registered for the residue check.
+    pub fn new_id(&self) -> String {
+        let mut st = self.st();
+        st.n += 1;
+        let id = ids::cell_id(&self.inner.token, &ids::short_name(self.inner.scenario), st.n);
+        let marker = format!("ccm-{}-{:02}-{}", self.inner.token, st.n, ids::random_token(6));
+        st.cells.push(CellRec {
+            id: id.clone(),
+            marker,
+            live: false,
+            check_resources: true,
+            host_pids: Vec::new(),
+        });
+        id
+    }
+
+    /// Register an id the harness did not generate (an invalid one, for admission checks) so its
+    /// marker is checked too; footprint resources are checked only when `check_resources`.
+    pub fn register_id(&self, id: &str, check_resources: bool) -> String {
+        let mut st = self.st();
+        st.n += 1;
+        let marker = format!("ccm-{}-{:02}-{}", self.inner.token, st.n, ids::random_token(6));
+        st.cells.push(CellRec {
+            id: id.to_string(),
+            marker: marker.clone(),
+            live: false,
+            check_resources,
+            host_pids: Vec::new(),
+        });
+        marker
+    }
+
+    /// The marker value declared for `id`.
+    pub fn marker_of(&self, id: &str) -> String {
+        let st = self.st();
+        st.cells
+            .iter()
+            .rev()
+            .find(|c| c.id == id)
+            .map(|c| c.marker.clone())
+            .unwrap_or_default()
+    }
+
+    /// The marker env var for `id`, as a declared pair.
+    pub fn marker_env(&self, id: &str) -> EnvVar {
+        EnvVar {
+            name: MARKER_VAR.into(),
+            value: self.marker_of(id),
+        }
+    }
+
+    /// `[PROBE_PATH, args...]`.
+    pub fn probe_argv(args: &[&str]) -> Vec<String> {
+        std::iter::once(PROBE_PATH)
+            .chain(args.iter().copied())
+            .map(String::from)
+            .collect()
+    }
+
+    /// A document running the probe with `args` under a fresh id, declaring the marker.
+    pub fn doc(&self, args: &[&str]) -> CellDocument {
+        let id = self.new_id();
+        self.doc_for(&id, args)
+    }
+
+    /// A document running the probe under `id` (already registered), declaring its marker.
+    pub fn doc_for(&self, id: &str, args: &[&str]) -> CellDocument {
+        let mut d = CellDocument::new(id, Self::probe_argv(args));
+        d.spec.run.env.push(self.marker_env(id));
+        d
+    }
+
+    /// The exact environ bytes a workload of `doc` must see.
+    pub fn expected_environ(doc: &CellDocument) -> Vec<u8> {
+        let mut v = Vec::new();
+        for e in &doc.spec.run.env {
+            v.extend_from_slice(e.name.as_bytes());
+            v.push(b'=');
+            v.extend_from_slice(e.value.as_bytes());
+            v.push(0);
+        }
+        v
+    }
+
+    fn ensure_registered(&self, id: &str, doc: &CellDocument) {
+        let mut st = self.st();
+        if !st.cells.iter().any(|c| c.id == id) {
+            let marker = doc
+                .spec
+                .run
+                .env
+                .iter()
+                .find(|e| e.name == MARKER_VAR)
+                .map(|e| e.value.clone())
+                .unwrap_or_default();
+            st.cells.push(CellRec {
+                id: id.to_string(),
+                marker,
+                live: false,
+                check_resources: !id.is_empty(),
+                host_pids: Vec::new(),
+            });
+        }
+    }
+
+    fn mark_live(&self, h: &CellHandle) {
+        let mut st = self.st();
+        if let Some(c) = st.cells.iter_mut().rev().find(|c| c.id == h.id) {
+            c.live = true;
+            c.host_pids.extend(h.host_pid);
+        } else {
+            st.cells.push(CellRec {
+                id: h.id.clone(),
+                marker: String::new(),
+                live: true,
+                check_resources: true,
+                host_pids: h.host_pid.into_iter().collect(),
+            });
+        }
+    }
+
+    /// Register a cell id as live (a restore the scenario performed itself).
+    pub fn note_live(&self, h: &CellHandle) {
+        self.mark_live(h);
+    }
+
+    fn mark_gone(&self, id: &str) {
+        let mut st = self.st();
+        for c in st.cells.iter_mut().filter(|c| c.id == id) {
+            c.live = false;
+        }
+    }
+
+    /// `backend.create`, recorded.
+    pub async fn try_create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
+        let id = doc.spec.id.clone();
+        self.ensure_registered(&id, doc);
+        self.set_cell(&id);
+        let r = self.inner.backend.create(doc).await;
+        if let Ok(h) = &r {
+            self.mark_live(h);
+        }
+        r
+    }
+
+    /// `backend.create`, which must succeed.
+    pub async fn create(&self, doc: &CellDocument) -> Result<CellHandle, Failure> {
+        self.try_create(doc)
+            .await
+            .map_err(|e| self.fail(format!("create failed: {e} ({e:?})")))
+    }
+
+    /// Create, then wait until the workload runs its program (by `/proc/<pid>/cmdline` where the
+    /// host pid is known, else a short settle delay).
+    pub async fn create_running(&self, doc: &CellDocument) -> Result<CellHandle, Failure> {
+        let h = self.create(doc).await?;
+        self.await_running(&h, &doc.spec.run.argv).await?;
+        Ok(h)
+    }
+
+    pub async fn await_running(&self, h: &CellHandle, argv: &[String]) -> Result<(), Failure> {
+        let Some(pid) = h.host_pid else {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return Ok(());
+        };
+        let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+        let start = Instant::now();
+        loop {
+            let seen = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if seen == want {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(15) {
+                return Err(self.fail(format!(
+                    "host pid {pid} did not start {argv:?} within 15 s (cmdline {:?})",
+                    String::from_utf8_lossy(&seen)
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn record_output(&self, what: String, r: &ExitReport) {
+        self.st().outputs.push((what, r.clone()));
+    }
+
+    /// `backend.wait`, recorded.
+    pub async fn try_wait(&self, id: &str) -> Result<ExitReport, CellError> {
+        self.set_cell(id);
+        let r = self.inner.backend.wait(id).await;
+        if let Ok(rep) = &r {
+            self.record_output(format!("wait {id}"), rep);
+        }
+        r
+    }
+
+    pub async fn wait(&self, id: &str) -> Result<ExitReport, Failure> {
+        self.try_wait(id)
+            .await
+            .map_err(|e| self.fail(format!("wait failed: {e} ({e:?})")))
+    }
+
+    /// `backend.destroy`, recorded.
+    pub async fn try_destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
+        self.set_cell(id);
+        let r = self.inner.backend.destroy(id).await;
+        if r.is_ok() {
+            self.mark_gone(id);
+        }
+        r
+    }
+
+    pub async fn destroy(&self, id: &str) -> Result<TeardownReport, Failure> {
+        self.try_destroy(id)
+            .await
+            .map_err(|e| self.fail(format!("destroy failed: {e} ({e:?})")))
+    }
+
+    /// Run the probe with `args` in the live cell `id`, with the cell's marker as its only env.
+    pub async fn try_exec(&self, id: &str, args: &[&str]) -> Result<ExitReport, CellError> {
+        self.set_cell(id);
+        let req = ExecRequest {
+            argv: Self::probe_argv(args),
+            env: vec![self.marker_env(id)],
+            timeout_ms: Some(30_000),
+        };
+        let r = self.inner.backend.exec(id, req).await;
+        if let Ok(rep) = &r {
+            self.record_output(format!("exec {id} {args:?}"), rep);
+        }
+        r
+    }
+
+    pub async fn exec(&self, id: &str, args: &[&str]) -> Result<ExitReport, Failure> {
+        self.try_exec(id, args)
+            .await
+            .map_err(|e| self.fail(format!("exec {args:?} failed: {e} ({e:?})")))
+    }
+
+    /// Create a cell running the probe with `args`, wait for it, return its id and report.
+    pub async fn run_probe(&self, args: &[&str]) -> Result<(String, ExitReport), Failure> {
+        let doc = self.doc(args);
+        self.run_doc(&doc).await
+    }
+
+    pub async fn run_doc(&self, doc: &CellDocument) -> Result<(String, ExitReport), Failure> {
+        let h = self.create(doc).await?;
+        let r = self.wait(&h.id).await?;
+        Ok((h.id, r))
+    }
+
+    /// Create, wait and destroy; the report of the run.
+    pub async fn run_and_destroy(&self, args: &[&str]) -> Result<ExitReport, Failure> {
+        let (id, r) = self.run_probe(args).await?;
+        self.destroy(&id).await?;
+        Ok(r)
+    }
+
+    fn scope_of(&self, c: &CellRec) -> Scope {
+        let footprint = if c.id.is_empty() {
+            Default::default()
+        } else {
+            self.inner.backend.footprint(&c.id)
+        };
+        Scope {
+            cell: c.id.clone(),
+            env_markers: if c.marker.is_empty() {
+                vec![]
+            } else {
+                vec![c.marker.clone()]
+            },
+            footprint,
+            host_pids: c.host_pids.clone(),
+            check_resources: c.check_resources,
+        }
+    }
+
+    /// Fail unless nothing of cell `id` remains on the host (after its destroy or failed create).
+    pub async fn assert_clean(&self, id: &str) -> Result<(), Failure> {
+        let recs: Vec<CellRec> = self
+            .st()
+            .cells
+            .iter()
+            .filter(|c| c.id == id)
+            .cloned()
+            .collect();
+        for c in recs {
+            let leaks = residue::scan_settled(&self.scope_of(&c), &BTreeMap::new(), RESIDUE_GRACE).await;
+            // Fds are checked per trial against the fds open before it; here only the rest.
+            let leaks: Vec<_> = leaks
+                .into_iter()
+                .filter(|l| !matches!(l, residue::Leak::Fd { .. }))
+                .collect();
+            if !leaks.is_empty() {
+                return Err(self.fail(residue::describe(id, &leaks)));
+            }
+        }
+        Ok(())
+    }
+
+    fn outputs_report(&self) -> String {
+        let st = self.st();
+        let mut s = String::new();
+        for (what, r) in st.outputs.iter().rev().take(4) {
+            s.push_str(&format!(
+                "\n  {what}: {:?}\n    stdout: {}\n    stderr: {}",
+                r.termination,
+                clip(&r.stdout),
+                clip(&r.stderr)
+            ));
+        }
+        s
+    }
+}
+
+fn clip(b: &[u8]) -> String {
+    const MAX: usize = 600;
+    let s = String::from_utf8_lossy(&b[..b.len().min(MAX)]).into_owned();
+    if b.len() > MAX {
+        format!("{s:?}… ({} bytes)", b.len())
+    } else {
+        format!("{s:?}")
+    }
+}
+
+/// Fds the harness holds open WITHOUT close-on-exec for its whole life: a pipe, a unix socket
+/// pair and a file. A backend with sloppy spawn hygiene hands them to the workload.
+#[derive(Debug)]
+pub struct Sentinels {
+    pub fds: Vec<(i32, &'static str)>,
+}
+
+static SENTINELS: OnceLock<Sentinels> = OnceLock::new();
+
+pub fn sentinels() -> &'static Sentinels {
+    SENTINELS.get_or_init(|| {
+        let mut fds = Vec::new();
+        // Raw libc on purpose: std and nix wrappers set O_CLOEXEC, which is exactly what we
+        // must not do here.
+        unsafe {
+            let mut p = [0i32; 2];
+            if libc::pipe(p.as_mut_ptr()) == 0 {
+                fds.push((p[0], "pipe read end"));
+                fds.push((p[1], "pipe write end"));
+            }
+            let mut s = [0i32; 2];
+            if libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, s.as_mut_ptr()) == 0 {
+                fds.push((s[0], "unix socket"));
+                fds.push((s[1], "unix socket peer"));
+            }
+            let path = b"/proc/self/exe\0";
+            let f = libc::open(path.as_ptr().cast(), libc::O_RDONLY);
+            if f >= 0 {
+                fds.push((f, "file (the harness binary)"));
+            }
+        }
+        Sentinels { fds }
+    })
+}
+
+impl Sentinels {
+    /// The sentinels that really are inheritable (FD_CLOEXEC clear).
+    pub fn inheritable(&self) -> Vec<i32> {
+        self.fds
+            .iter()
+            .map(|(fd, _)| *fd)
+            .filter(|fd| {
+                let flags = unsafe { libc::fcntl(*fd, libc::F_GETFD) };
+                flags >= 0 && flags & libc::FD_CLOEXEC == 0
+            })
+            .collect()
+    }
+}
+
+/// Trials currently running in this process (several under `cargo test`, one under nextest).
+pub static ACTIVE_TRIALS: AtomicUsize = AtomicUsize::new(0);
+
+/// Whether this trial is the only one running in the process, so backend-wide counts are exact.
+pub fn alone() -> bool {
+    ACTIVE_TRIALS.load(Ordering::SeqCst) == 1
+}
+
+/// The verdict of one scenario run, before expectations are applied.
+#[derive(Debug)]
+pub struct RunReport {
+    pub passed: bool,
+    /// The full failure context (empty when passed).
+    pub message: String,
+    pub duration: Duration,
+}
+
+/// Run one scenario against `backend` on the current tokio runtime: bounded, panics caught, then
+/// every live cell destroyed and every touched cell checked for residue.
+pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunReport {
+    ACTIVE_TRIALS.fetch_add(1, Ordering::SeqCst);
+    let start = Instant::now();
+    let fds_before = residue::own_fds();
+    let ctx = Ctx::new(backend.clone(), sc.family, sc.name);
+    let task = tokio::spawn((sc.run)(ctx.clone()));
+    let abort = task.abort_handle();
+    let verdict: Result<(), String> = match tokio::time::timeout(sc.timeout, task).await {
+        Ok(Ok(Ok(()))) => Ok(()),
+        Ok(Ok(Err(f))) => Err(f.to_string()),
+        Ok(Err(join)) => Err(match join.try_into_panic() {
+            Ok(p) => {
+                let msg = p
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "non-string panic payload".into());
+                let st = ctx.st();
+                format!(
+                    "step: {}\nthe scenario panicked (backend or scenario code): {msg}",
+                    st.step
+                )
+            }
+            Err(e) => format!("scenario task failed: {e}"),
+        }),
+        Err(_) => {
+            abort.abort();
+            Err(format!(
+                "step: {}\nscenario did not finish within {} s (hung backend?)",
+                ctx.st().step,
+                sc.timeout.as_secs()
+            ))
+        }
+    };
+
+    // Clean up what the scenario left live, also after a failure, then look for residue.
+    let mut cleanup_errors = Vec::new();
+    let cells: Vec<CellRec> = ctx.st().cells.clone();
+    let mut done = std::collections::BTreeSet::new();
+    for c in cells.iter().filter(|c| c.live) {
+        if !done.insert(c.id.clone()) {
+            continue;
+        }
+        let spawned = tokio::spawn({
+            let b = backend.clone();
+            let id = c.id.clone();
+            async move { b.destroy(&id).await }
+        });
+        match tokio::time::timeout(Duration::from_secs(60), spawned).await {
+            Ok(Ok(Ok(_))) | Ok(Ok(Err(CellError::NotFound { .. }))) => {}
+            Ok(Ok(Err(e))) => cleanup_errors.push(format!("cleanup destroy {}: {e}", c.id)),
+            Ok(Err(e)) => cleanup_errors.push(format!("cleanup destroy {} panicked: {e}", c.id)),
+            Err(_) => cleanup_errors.push(format!("cleanup destroy {} hung for 60 s", c.id)),
+        }
+    }
+    let mut leak_reports = Vec::new();
+    for c in &cells {
+        let leaks = residue::scan_settled(&ctx.scope_of(c), &fds_before, RESIDUE_GRACE).await;
+        if !leaks.is_empty() {
+            leak_reports.push(residue::describe(&c.id, &leaks));
+        }
+    }
+    ACTIVE_TRIALS.fetch_sub(1, Ordering::SeqCst);
+
+    let mut parts = Vec::new();
+    if let Err(m) = &verdict {
+        parts.push(m.clone());
+    }
+    if !leak_reports.is_empty() {
+        parts.push(format!("after the scenario: {}", leak_reports.join("\n")));
+    }
+    if !cleanup_errors.is_empty() {
+        parts.push(cleanup_errors.join("\n"));
+    }
+    let passed = parts.is_empty();
+    let mut message = String::new();
+    if !passed {
+        message = format!(
+            "backend: {}\nscenario: {}::{}\n{}",
+            backend.name(),
+            sc.family,
+            sc.name,
+            parts.join("\n")
+        );
+        let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+        if !ids.is_empty() {
+            message.push_str(&format!("\ncells touched: {}", ids.join(", ")));
+        }
+        let outs = ctx.outputs_report();
+        if !outs.is_empty() {
+            message.push_str(&format!("\ncaptured output:{outs}"));
+        }
+    }
+    RunReport {
+        passed,
+        message,
+        duration: start.elapsed(),
+    }
+}
+
+/// The fixture root, for scenarios that check a workload did not write into a shared root.
+pub fn fixtures_rootfs() -> Option<PathBuf> {
+    Some(cellcheck_fixtures::fixtures_dir().join("rootfs"))
+}

@@ -1,0 +1,128 @@
+//! Preflight results cached per backend, so one-process-per-trial runners (nextest) pay a
+//! backend's functional check once every few minutes instead of once per trial.
+//!
+//! The cache lives at `<target>/cellcheck/preflight/<backend>.json`, is keyed by the fixtures
+//! build, and expires after [`MAX_AGE`]. `CELLCHECK_PREFLIGHT_CACHE=0` disables it.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use cellcheck_contract::{Availability, Backend};
+use serde::{Deserialize, Serialize};
+
+pub const MAX_AGE: Duration = Duration::from_secs(300);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Entry {
+    backend: String,
+    fixtures_key: String,
+    at_unix: u64,
+    availability: Availability,
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn cache_dir() -> PathBuf {
+    cellcheck_fixtures::target_dir().join("cellcheck/preflight")
+}
+
+fn enabled() -> bool {
+    std::env::var("CELLCHECK_PREFLIGHT_CACHE").map_or(true, |v| v != "0")
+}
+
+/// A key that changes whenever the fixtures are rebuilt.
+pub fn fixtures_key(fx: Option<&cellcheck_fixtures::Fixtures>) -> String {
+    let Some(fx) = fx else {
+        return "no-fixtures".into();
+    };
+    let part = |p: &Path| match std::fs::metadata(p) {
+        Ok(m) => {
+            let t = m
+                .modified()
+                .ok()
+                .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+                .map_or(0, |d| d.as_nanos());
+            format!("{}:{t}", m.len())
+        }
+        Err(_) => "missing".into(),
+    };
+    format!(
+        "{}|probe={}|init={}",
+        fx.dir.display(),
+        part(&fx.probe),
+        part(&fx.host_init)
+    )
+}
+
+fn read(path: &Path, backend: &str, key: &str) -> Option<Availability> {
+    let e: Entry = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let age = now_unix().checked_sub(e.at_unix)?;
+    (e.backend == backend && e.fixtures_key == key && age <= MAX_AGE.as_secs())
+        .then_some(e.availability)
+}
+
+fn write(path: &Path, e: &Entry) -> std::io::Result<()> {
+    std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
+    // Write then rename, so a concurrent reader never sees half a file.
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    std::fs::write(&tmp, serde_json::to_vec(e).map_err(std::io::Error::other)?)?;
+    std::fs::rename(&tmp, path).inspect_err(|_| {
+        let _ = std::fs::remove_file(&tmp);
+    })
+}
+
+/// The backend's preflight, from the cache when fresh. Returns the answer and whether it was cached.
+pub async fn preflight(backend: &dyn Backend, key: &str) -> (Availability, bool) {
+    let name = backend.name().to_string();
+    let path = cache_dir().join(format!("{name}.json"));
+    if enabled() {
+        if let Some(a) = read(&path, &name, key) {
+            return (a, true);
+        }
+    }
+    let availability = backend.preflight().await;
+    if enabled() {
+        let e = Entry {
+            backend: name,
+            fixtures_key: key.to_string(),
+            at_unix: now_unix(),
+            availability: availability.clone(),
+        };
+        if let Err(err) = write(&path, &e) {
+            eprintln!("cellcheck: cannot cache preflight at {}: {err}", path.display());
+        }
+    }
+    (availability, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_entry_is_keyed_and_expires() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("b.json");
+        let mut e = Entry {
+            backend: "b".into(),
+            fixtures_key: "k1".into(),
+            at_unix: now_unix(),
+            availability: Availability::Unavailable {
+                reason: "nope".into(),
+            },
+        };
+        write(&p, &e).unwrap();
+        assert_eq!(read(&p, "b", "k1"), Some(e.availability.clone()));
+        assert_eq!(read(&p, "b", "k2"), None);
+        assert_eq!(read(&p, "c", "k1"), None);
+        e.at_unix -= MAX_AGE.as_secs() + 1;
+        write(&p, &e).unwrap();
+        assert_eq!(read(&p, "b", "k1"), None);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,180 @@
+//! Create, wait, destroy, and the id rules around them.
+
+use cellcheck_contract::{CellError, ResourceKind, Termination};
+
+use crate::harness::{alone, Ctx, Failure, Scenario};
+use crate::{check, scenario};
+
+const F: &str = "lifecycle";
+
+pub fn scenarios() -> Vec<Scenario> {
+    vec![
+        scenario!(F, "create_wait_destroy", [], create_wait_destroy),
+        scenario!(F, "duplicate_live_id", [], duplicate_live_id),
+        scenario!(F, "same_id_after_destroy", [], same_id_after_destroy),
+        scenario!(F, "destroy_unknown", [], destroy_unknown),
+        scenario!(F, "double_destroy", [], double_destroy),
+        scenario!(F, "concurrent_destroy", [], concurrent_destroy),
+        scenario!(F, "destroy_running", [], destroy_running),
+        scenario!(F, "teardown_remaining_cells", [], teardown_remaining_cells),
+        scenario!(F, "list_live_not_destroyed", [], list_live_not_destroyed),
+        scenario!(F, "exec_output", [Exec], exec_output),
+    ]
+}
+
+async fn create_wait_destroy(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("create + wait `exit 0`");
+    let (id, r) = ctx.run_probe(&["exit", "0"]).await?;
+    check!(ctx, r.termination == Termination::Exited { code: 0 }, "expected exit 0, got {:?}", r.termination);
+    ctx.step("destroy");
+    let t = ctx.destroy(&id).await?;
+    check!(ctx, t.id == id, "teardown report names {:?}, expected {id:?}", t.id);
+    check!(ctx, !t.killed_running, "workload had exited, yet killed_running = true");
+    ctx.step("residue after destroy");
+    ctx.assert_clean(&id).await
+}
+
+async fn duplicate_live_id(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("create `hold`");
+    let doc = ctx.doc(&["hold"]);
+    let id = doc.spec.id.clone();
+    ctx.create_running(&doc).await?;
+    ctx.step("create again with the same live id");
+    let again = ctx.doc_for(&id, &["exit", "0"]);
+    match ctx.try_create(&again).await {
+        Err(CellError::AlreadyExists { id: got }) => {
+            check!(ctx, got == id, "AlreadyExists names {got:?}, expected {id:?}")
+        }
+        other => return Err(ctx.fail(format!("expected AlreadyExists, got {other:?}"))),
+    }
+    ctx.step("the first cell is still live");
+    check!(ctx, ctx.backend().list().await.contains(&id), "the original cell vanished from list()");
+    let t = ctx.destroy(&id).await?;
+    check!(ctx, t.killed_running, "the original `hold` workload should still have been running");
+    ctx.assert_clean(&id).await
+}
+
+async fn same_id_after_destroy(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("first run");
+    let doc = ctx.doc(&["exit", "0"]);
+    let id = doc.spec.id.clone();
+    ctx.create(&doc).await?;
+    ctx.wait(&id).await?;
+    ctx.destroy(&id).await?;
+    ctx.step("second run under the same id");
+    let doc2 = ctx.doc_for(&id, &["exit", "7"]);
+    ctx.create(&doc2).await?;
+    let r = ctx.wait(&id).await?;
+    check!(ctx, r.termination == Termination::Exited { code: 7 }, "second run: expected exit 7, got {:?}", r.termination);
+    ctx.destroy(&id).await?;
+    ctx.assert_clean(&id).await
+}
+
+async fn destroy_unknown(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("destroy an id never created");
+    let id = ctx.new_id();
+    match ctx.try_destroy(&id).await {
+        Err(CellError::NotFound { kind: ResourceKind::Cell, .. }) => Ok(()),
+        other => Err(ctx.fail(format!("expected NotFound(cell), got {other:?}"))),
+    }
+}
+
+async fn double_destroy(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("run and destroy");
+    let (id, _) = ctx.run_probe(&["exit", "0"]).await?;
+    ctx.destroy(&id).await?;
+    ctx.step("destroy again");
+    match ctx.try_destroy(&id).await {
+        Err(CellError::NotFound { kind: ResourceKind::Cell, .. }) => {}
+        other => return Err(ctx.fail(format!("second destroy: expected NotFound(cell), got {other:?}"))),
+    }
+    ctx.assert_clean(&id).await
+}
+
+async fn concurrent_destroy(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("create `hold`");
+    let doc = ctx.doc(&["hold"]);
+    let id = doc.spec.id.clone();
+    ctx.create_running(&doc).await?;
+    ctx.step("two destroys at once");
+    let (a, b) = tokio::join!(ctx.try_destroy(&id), ctx.try_destroy(&id));
+    let oks = [&a, &b].iter().filter(|r| r.is_ok()).count();
+    check!(ctx, oks == 1, "expected exactly one Ok, got {a:?} and {b:?}");
+    let other = if a.is_ok() { &b } else { &a };
+    check!(
+        ctx,
+        matches!(other, Err(CellError::NotFound { .. })),
+        "the losing destroy should be NotFound, got {other:?}"
+    );
+    ctx.assert_clean(&id).await
+}
+
+async fn destroy_running(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("create `hold`");
+    let doc = ctx.doc(&["hold"]);
+    let id = doc.spec.id.clone();
+    ctx.create_running(&doc).await?;
+    ctx.step("destroy while running");
+    let t = ctx.destroy(&id).await?;
+    check!(ctx, t.killed_running, "destroy of a running workload reported killed_running = false");
+    ctx.assert_clean(&id).await
+}
+
+async fn teardown_remaining_cells(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("create two `hold` cells");
+    let a = ctx.doc(&["hold"]);
+    let b = ctx.doc(&["hold"]);
+    ctx.create_running(&a).await?;
+    ctx.create_running(&b).await?;
+    ctx.step("destroy the first");
+    let t = ctx.destroy(&a.spec.id).await?;
+    check!(ctx, t.remaining_cells >= 1, "the second cell is live, yet remaining_cells = {}", t.remaining_cells);
+    // Other trials in this process share the backend; counts are exact only when alone.
+    if alone() {
+        let listed = ctx.backend().list().await.len();
+        check!(ctx, t.remaining_cells == listed, "remaining_cells = {} but list() has {listed}", t.remaining_cells);
+    }
+    ctx.step("destroy the second");
+    let t2 = ctx.destroy(&b.spec.id).await?;
+    if alone() {
+        check!(
+            ctx,
+            t2.remaining_cells + 1 == t.remaining_cells,
+            "remaining_cells went from {} to {} after one more destroy",
+            t.remaining_cells,
+            t2.remaining_cells
+        );
+    }
+    Ok(())
+}
+
+async fn list_live_not_destroyed(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("create `hold`");
+    let doc = ctx.doc(&["hold"]);
+    let id = doc.spec.id.clone();
+    ctx.create_running(&doc).await?;
+    ctx.step("list while live");
+    let l = ctx.backend().list().await;
+    check!(ctx, l.contains(&id), "list() lacks the live cell: {l:?}");
+    ctx.destroy(&id).await?;
+    ctx.step("list after destroy");
+    let l = ctx.backend().list().await;
+    check!(ctx, !l.contains(&id), "list() still has the destroyed cell");
+    Ok(())
+}
+
+async fn exec_output(ctx: Ctx) -> Result<(), Failure> {
+    ctx.step("create `hold`");
+    let doc = ctx.doc(&["hold"]);
+    let id = doc.spec.id.clone();
+    ctx.create_running(&doc).await?;
+    ctx.step("exec `out 10`");
+    let r = ctx.exec(&id, &["out", "10"]).await?;
+    check!(ctx, r.termination == Termination::Exited { code: 0 }, "exec exit: {:?}", r.termination);
+    check!(ctx, r.stdout == b"0123456789", "exec stdout {:?}", r.stdout_str());
+    ctx.step("exec `exit 3`");
+    let r = ctx.exec(&id, &["exit", "3"]).await?;
+    check!(ctx, r.termination == Termination::Exited { code: 3 }, "exec exit: {:?}", r.termination);
+    ctx.destroy(&id).await?;
+    ctx.assert_clean(&id).await
+}

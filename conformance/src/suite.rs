@@ -1,0 +1,382 @@
+//! The suite: registered backends × scenarios → libtest-mimic trials.
+
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+
+use cellcheck_contract::{Availability, Backend};
+use cellcheck_fixtures::Fixtures;
+use libtest_mimic::{Arguments, Completion, Failed, Trial};
+
+use crate::expectations::{self, ExpectedOutcome, Expectations};
+use crate::harness::{self, RunReport, Scenario};
+use crate::results::{self, Outcome, ResultLine};
+
+type PlainFactory = Box<dyn Fn() -> Arc<dyn Backend>>;
+type FixtureFactory = Box<dyn Fn(&Fixtures) -> Arc<dyn Backend>>;
+
+enum Factory {
+    Plain(PlainFactory),
+    WithFixtures { name: String, f: FixtureFactory },
+}
+
+/// A set of backends to run the scenario set against.
+pub struct Suite {
+    backends: Vec<Factory>,
+    scenarios: Vec<Scenario>,
+}
+
+impl Default for Suite {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+
+/// One runtime per process, shared by every trial: a backend's background tasks (reapers, waits)
+/// outlive the trial that started them, so they must not die with a per-trial runtime.
+pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
+    RUNTIME.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(4)
+            .enable_all()
+            .thread_name("cellcheck")
+            .build()
+            .expect("building the tokio runtime")
+    })
+}
+
+/// What a trial will do, decided at listing time.
+#[derive(Debug, Clone)]
+enum Plan {
+    Run {
+        known_failure: Option<String>,
+    },
+    /// Listed as ignored. `by_expectation`: an expectation said so (a forced run then runs it).
+    Skip {
+        reason: String,
+        by_expectation: bool,
+    },
+    Fail(String),
+}
+
+impl Suite {
+    /// A suite with every built-in scenario and no backend.
+    pub fn new() -> Self {
+        Suite {
+            backends: Vec::new(),
+            scenarios: crate::scenarios::all(),
+        }
+    }
+
+    /// Register a backend by factory. The factory runs lazily, once per process, and must be cheap
+    /// (no I/O): the suite calls it only when a selected trial belongs to it.
+    pub fn backend<F>(mut self, factory: F) -> Self
+    where
+        F: Fn() -> Arc<dyn Backend> + 'static,
+    {
+        self.backends.push(Factory::Plain(Box::new(factory)));
+        self
+    }
+
+    /// Register a backend that needs the built fixtures (rootfs, probe, init). `name` must equal
+    /// the backend's [`Backend::name`]; it is known before the fixtures are built, so a fixture
+    /// build error fails this backend's trials instead of hiding them.
+    pub fn backend_with_fixtures<F>(mut self, name: &str, factory: F) -> Self
+    where
+        F: Fn(&Fixtures) -> Arc<dyn Backend> + 'static,
+    {
+        self.backends.push(Factory::WithFixtures {
+            name: name.to_string(),
+            f: Box::new(factory),
+        });
+        self
+    }
+
+    /// Replace the scenario set (e.g. a subset for a focused run).
+    pub fn with_scenarios(mut self, scenarios: Vec<Scenario>) -> Self {
+        self.scenarios = scenarios;
+        self
+    }
+
+    /// Parse the command line (libtest conventions), list or run, and return the exit code.
+    pub fn run_from_args(self) -> ExitCode {
+        // Before any thread exists: the canary changes this process's env.
+        crate::ids::canary();
+        harness::sentinels();
+        let args = Arguments::from_args();
+        let trials = self.trials(&args);
+        libtest_mimic::run(&args, trials).exit_code()
+    }
+
+    /// Build the trials for `args`: one per (selected backend, scenario).
+    pub fn trials(self, args: &Arguments) -> Vec<Trial> {
+        crate::ids::canary();
+        harness::sentinels();
+        let selected: Option<Vec<String>> = std::env::var("CELLCHECK_BACKENDS")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
+        let strict = std::env::var("CELLCHECK_STRICT").is_ok_and(|v| v == "1");
+        let class = expectations::host_class();
+        let (exps, exp_error) = match Expectations::load(&Expectations::default_path()) {
+            Ok(e) => (e, None),
+            Err(e) => (Expectations::default(), Some(e)),
+        };
+        let mut fixtures: Option<Result<Fixtures, String>> = None;
+        let mut trials = Vec::new();
+
+        for factory in &self.backends {
+            let known_name = match factory {
+                Factory::Plain(_) => None,
+                Factory::WithFixtures { name, .. } => Some(name.clone()),
+            };
+            // A plain factory is constructed to learn its name (cheap by contract).
+            let plain = match factory {
+                Factory::Plain(f) => Some(f()),
+                Factory::WithFixtures { .. } => None,
+            };
+            let name = known_name
+                .or_else(|| plain.as_ref().map(|b| b.name().to_string()))
+                .unwrap_or_default();
+            if let Some(sel) = &selected {
+                if !sel.iter().any(|s| s == &name) {
+                    continue;
+                }
+            }
+            let trial_names: Vec<String> = self
+                .scenarios
+                .iter()
+                .map(|s| format!("{name}::{}::{}", s.family, s.name))
+                .collect();
+            let wanted = trial_names.iter().any(|n| selected_by_filter(args, n));
+            if !wanted {
+                // Listed (so filters see consistent names) but never run: no fixtures, no preflight.
+                for n in trial_names {
+                    trials.push(Trial::test(n, || Ok(())));
+                }
+                continue;
+            }
+
+            // Fixtures, then the backend, then its (cached) preflight.
+            let fx = fixtures
+                .get_or_insert_with(|| cellcheck_fixtures::ensure().map_err(|e| e.to_string()))
+                .clone();
+            let backend: Result<Arc<dyn Backend>, String> = match (factory, plain, &fx) {
+                (Factory::Plain(_), Some(b), _) => Ok(b),
+                (Factory::WithFixtures { f, .. }, _, Ok(fx)) => Ok(f(fx)),
+                (_, _, Err(e)) => Err(format!("fixture build failed: {e}")),
+                (Factory::Plain(f), None, _) => Ok(f()),
+            };
+            let backend = match (backend, &fx) {
+                (Ok(b), Err(e)) => {
+                    let _ = b;
+                    Err(format!("fixture build failed: {e}"))
+                }
+                (b, _) => b,
+            };
+            let availability = match &backend {
+                Ok(b) => {
+                    let key = crate::preflight::fixtures_key(fx.as_ref().ok());
+                    let b2 = b.clone();
+                    let (a, _cached) =
+                        runtime().block_on(async move { crate::preflight::preflight(&*b2, &key).await });
+                    Some(a)
+                }
+                Err(_) => None,
+            };
+            let caps = backend.as_ref().ok().map(|b| b.capabilities());
+            let attributes = backend
+                .as_ref()
+                .map(|b| b.attributes())
+                .unwrap_or_default();
+
+            for sc in &self.scenarios {
+                let trial_name = format!("{name}::{}::{}", sc.family, sc.name);
+                let exp = exps.lookup(&name, &class, &sc.path());
+                let plan = if let Some(e) = &exp_error {
+                    Plan::Fail(format!("cannot read expectations: {e}"))
+                } else if let Err(e) = &backend {
+                    Plan::Fail(e.clone())
+                } else if let Some(e) = exp.filter(|e| e.outcome == ExpectedOutcome::Skip) {
+                    Plan::Skip {
+                        reason: format!("expected skip: {}", e.describe()),
+                        by_expectation: true,
+                    }
+                } else {
+                    let unavailable = match &availability {
+                        Some(Availability::Unavailable { reason }) => {
+                            Some(format!("backend unavailable: {reason}"))
+                        }
+                        _ => None,
+                    };
+                    let missing = caps.as_ref().and_then(|c| sc.missing_capability(c));
+                    match unavailable.or(missing) {
+                        Some(reason) if strict => Plan::Fail(format!(
+                            "strict mode (CELLCHECK_STRICT=1): this trial would be skipped: {reason}"
+                        )),
+                        Some(reason) => Plan::Skip {
+                            reason,
+                            by_expectation: false,
+                        },
+                        None => Plan::Run {
+                            known_failure: exp
+                                .filter(|e| e.outcome == ExpectedOutcome::KnownFailure)
+                                .map(|e| e.describe()),
+                        },
+                    }
+                };
+                let base = ResultLine {
+                    id: trial_name.clone(),
+                    backend: name.clone(),
+                    family: sc.family.to_string(),
+                    scenario: sc.name.to_string(),
+                    outcome: Outcome::Skip,
+                    reason: String::new(),
+                    duration_ms: 0,
+                    attributes: attributes.clone(),
+                };
+                trials.push(make_trial(
+                    trial_name,
+                    *sc,
+                    backend.as_ref().ok().cloned(),
+                    plan,
+                    base,
+                    args,
+                ));
+            }
+        }
+        trials
+    }
+}
+
+fn selected_by_filter(args: &Arguments, name: &str) -> bool {
+    // A probe trial marked ignored, so `--ignored` alone never rules the name out.
+    let probe = Trial::test(name, || Ok(())).with_ignored_flag(true);
+    !args.is_filtered_out(&probe)
+}
+
+fn rerun_hint(trial: &str) -> String {
+    let pkg = std::env::var("CARGO_PKG_NAME").unwrap_or_else(|_| "cellcheck-conformance".into());
+    let test = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+        .map(|s| match s.rsplit_once('-') {
+            Some((base, hash)) if hash.chars().all(|c| c.is_ascii_hexdigit()) => base.to_string(),
+            _ => s,
+        })
+        .unwrap_or_else(|| "conformance".into());
+    format!("rerun: cargo nextest run -p {pkg} --test {test} -E 'test(={trial})'")
+}
+
+fn make_trial(
+    name: String,
+    sc: Scenario,
+    backend: Option<Arc<dyn Backend>>,
+    plan: Plan,
+    base: ResultLine,
+    args: &Arguments,
+) -> Trial {
+    if let Plan::Skip { reason, .. } = &plan {
+        // Ignored trials are never started by a plain run or by nextest, so their record is
+        // written now: in a run that selects them, or when listed with `--ignored`.
+        let forced = args.ignored || args.include_ignored;
+        if selected_by_filter(args, &name) && ((!args.list && !forced) || (args.list && args.ignored)) {
+            eprintln!("cellcheck: skip {name}: {reason}");
+            results::record(&ResultLine {
+                reason: reason.clone(),
+                ..base.clone()
+            });
+        }
+    }
+    let ignored = matches!(plan, Plan::Skip { .. });
+    let trial_name = name.clone();
+    Trial::ignorable_test(name, move || {
+        let record = |outcome: Outcome, reason: &str, ms: u64| {
+            results::record(&ResultLine {
+                outcome,
+                reason: reason.to_string(),
+                duration_ms: ms,
+                ..base.clone()
+            })
+        };
+        let run = |b: Arc<dyn Backend>| -> RunReport {
+            runtime().block_on(harness::run_scenario_async(b, sc))
+        };
+        match plan {
+            Plan::Fail(msg) => {
+                record(Outcome::Fail, &msg, 0);
+                Err(Failed::from(format!(
+                    "backend: {}\nscenario: {}\n{msg}\n{}",
+                    base.backend,
+                    sc.path(),
+                    rerun_hint(&trial_name)
+                )))
+            }
+            Plan::Skip {
+                reason,
+                by_expectation: false,
+            } => {
+                // Forced to run (`--ignored`), but it cannot run here.
+                record(Outcome::Skip, &reason, 0);
+                Ok(Completion::ignored_with(reason))
+            }
+            Plan::Skip {
+                by_expectation: true,
+                ..
+            }
+            | Plan::Run {
+                known_failure: None,
+            } => {
+                let Some(b) = backend else {
+                    return Err(Failed::from("no backend"));
+                };
+                let r = run(b);
+                let ms = r.duration.as_millis() as u64;
+                if r.passed {
+                    record(Outcome::Pass, "", ms);
+                    Ok(Completion::Completed)
+                } else {
+                    record(Outcome::Fail, &r.message, ms);
+                    Err(Failed::from(format!("{}\n{}", r.message, rerun_hint(&trial_name))))
+                }
+            }
+            Plan::Run {
+                known_failure: Some(why),
+            } => {
+                let Some(b) = backend else {
+                    return Err(Failed::from("no backend"));
+                };
+                let r = run(b);
+                let ms = r.duration.as_millis() as u64;
+                if r.passed {
+                    let msg = format!("listed as known failure but passed (xpass): {why}");
+                    record(Outcome::Xpass, &msg, ms);
+                    Err(Failed::from(format!("{msg}\n{}", rerun_hint(&trial_name))))
+                } else {
+                    println!("known failure (xfail): {why}\n{}", r.message);
+                    record(Outcome::Xfail, &why, ms);
+                    Ok(Completion::Completed)
+                }
+            }
+        }
+    })
+    .with_ignored_flag(ignored)
+}
+
+/// Run one scenario (`"family::scenario"`) against `backend` outside libtest, with the same
+/// bounds, cleanup and residue checks as a trial. For self-tests of the suite.
+pub fn run_scenario(backend: Arc<dyn Backend>, path: &str) -> Result<(), String> {
+    crate::ids::canary();
+    harness::sentinels();
+    let sc = crate::scenarios::all()
+        .into_iter()
+        .find(|s| s.path() == path)
+        .ok_or_else(|| format!("no scenario named {path}"))?;
+    let r = runtime().block_on(harness::run_scenario_async(backend, sc));
+    if r.passed {
+        Ok(())
+    } else {
+        Err(r.message)
+    }
+}
