@@ -1,0 +1,152 @@
+//! `report.html`: one self-contained page (no scripts, no external assets), a colour-coded
+//! scenarios × backends matrix with durations, reasons as tooltips and as text below.
+
+use super::{escape_xml as x, outcome_label, Report};
+use crate::results::Outcome;
+
+/// Cell colours; the pass green is what the screenshot test looks for.
+#[cfg(test)]
+pub const PASS_RGB: (u8, u8, u8) = (0x1a, 0x7f, 0x37);
+const STYLE: &str = "
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1f2328; background: #ffffff; }
+h1 { font-size: 20px; margin: 0 0 4px; }
+.meta { color: #57606a; margin-bottom: 16px; }
+table { border-collapse: collapse; margin-bottom: 20px; }
+th, td { border: 1px solid #d0d7de; padding: 4px 10px; text-align: left; }
+th { background: #f6f8fa; }
+td.o { min-width: 90px; font-weight: 600; }
+td.pass { background: #1a7f37; color: #ffffff; }
+td.fail { background: #cf222e; color: #ffffff; }
+td.skip { background: #d0d7de; color: #24292f; }
+td.xfail { background: #bf8700; color: #ffffff; }
+td.xpass { background: #8250df; color: #ffffff; }
+td.flaky { background: #fb8500; color: #ffffff; }
+td.none { background: #ffffff; }
+.verdict-pass { color: #1a7f37; } .verdict-fail { color: #cf222e; }
+ul { padding-left: 20px; } li { margin: 2px 0; }
+code { font: 12px ui-monospace, monospace; }
+";
+
+pub fn render(r: &Report) -> String {
+    let backends = r.backend_names();
+    let class = r.host["class"].as_str().unwrap_or("unknown class");
+    let mut s = String::new();
+    s.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
+    s.push_str(&format!(
+        "<title>cellcheck conformance: {}</title>\n",
+        x(class)
+    ));
+    s.push_str(&format!("<style>{STYLE}</style></head><body>\n"));
+    s.push_str(&format!("<h1>cellcheck conformance: {}</h1>\n", x(class)));
+    let (vclass, vtext) = if r.passed() {
+        ("verdict-pass", "run passed".to_string())
+    } else {
+        (
+            "verdict-fail",
+            format!("run failed: {} problem(s)", r.problems.len()),
+        )
+    };
+    s.push_str(&format!(
+        "<div class=\"meta\">{} · <span class=\"{vclass}\">{vtext}</span> · kernel {}</div>\n",
+        x(&r.summary.to_string()),
+        x(r.host["kernel"].as_str().unwrap_or("?"))
+    ));
+
+    s.push_str("<table id=\"matrix\"><thead><tr><th>scenario</th>");
+    for b in &backends {
+        s.push_str(&format!("<th>{}</th>", x(b)));
+    }
+    s.push_str("</tr></thead><tbody>\n");
+    for (scenario, row) in r.grid() {
+        s.push_str(&format!("<tr><td><code>{}</code></td>", x(&scenario)));
+        for b in &backends {
+            match row.get(b) {
+                None => s.push_str("<td class=\"o none\"></td>"),
+                Some(t) => {
+                    let text = match t.outcome {
+                        Outcome::Skip => "skip".to_string(),
+                        o => format!("{} {} ms", outcome_label(o), t.duration_ms),
+                    };
+                    s.push_str(&format!(
+                        "<td class=\"o {}\" title=\"{}\">{}</td>",
+                        t.outcome,
+                        x(&t.reason),
+                        x(&text)
+                    ));
+                }
+            }
+        }
+        s.push_str("</tr>\n");
+    }
+    s.push_str("</tbody></table>\n");
+
+    if !r.problems.is_empty() {
+        s.push_str("<h2>Why the run failed</h2><ul>\n");
+        for p in &r.problems {
+            s.push_str(&format!(
+                "<li><b>{}</b> {} {}</li>\n",
+                x(&p.kind.to_string()),
+                p.trial
+                    .as_deref()
+                    .map(|t| format!("<code>{}</code>", x(t)))
+                    .unwrap_or_default(),
+                x(&p.message)
+            ));
+        }
+        s.push_str("</ul>\n");
+    }
+    s.push_str("<h2>Backends</h2><ul>\n");
+    for b in &r.backends {
+        s.push_str(&format!(
+            "<li><b>{}</b>: {} ({})</li>\n",
+            x(&b.name),
+            if b.usable { "available" } else { "unavailable" },
+            x(&b.why)
+        ));
+    }
+    s.push_str("</ul>\n");
+    let notes: Vec<_> = r
+        .results
+        .iter()
+        .filter(|t| t.outcome != Outcome::Pass && !t.reason.is_empty())
+        .collect();
+    if !notes.is_empty() {
+        s.push_str("<h2>Reasons</h2><ul>\n");
+        for t in notes {
+            s.push_str(&format!(
+                "<li><code>{}</code> {}: {}</li>\n",
+                x(&t.id),
+                outcome_label(t.outcome),
+                x(&t.reason)
+            ));
+        }
+        s.push_str("</ul>\n");
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::report::fixture;
+
+    #[test]
+    fn html_contains_the_matrix_with_reasons() {
+        let html = fixture::report().to_html();
+        assert!(html.starts_with("<!DOCTYPE html>"));
+        assert!(html.contains("<table id=\"matrix\">"));
+        assert!(html.contains("<th>host</th><th>runsc</th><th>crun</th>"));
+        assert!(html
+            .contains("<td class=\"o skip\" title=\"capability snapshot unsupported\">skip</td>"));
+        assert!(html.contains("<td class=\"o pass\" title=\"\">pass 12 ms</td>"));
+        assert!(html.contains("exit 41, wanted 42 &lt;&amp;&quot;&#39;&gt;"));
+        assert!(!html.contains("<script"), "self-contained and inert");
+        assert!(!html.contains("http://") && !html.contains("https://"));
+        // Balanced table rows: the header plus one per scenario.
+        assert_eq!(html.matches("<tr>").count(), html.matches("</tr>").count());
+        assert_eq!(html.matches("<tr>").count(), 1 + 4);
+        let (r, g, b) = PASS_RGB;
+        assert!(html.contains(&format!("#{r:02x}{g:02x}{b:02x}")));
+    }
+}

@@ -1,0 +1,116 @@
+//! JUnit XML, the shape CI test-report viewers read: one `<testsuite>` per backend.
+
+use super::{escape_xml as x, Report};
+use crate::results::Outcome;
+
+pub fn render(r: &Report) -> String {
+    let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
+    let failing = |o: Outcome| matches!(o, Outcome::Fail | Outcome::Xpass | Outcome::Flaky);
+    let total_ms: u64 = r.results.iter().map(|t| t.duration_ms).sum();
+    s.push_str(&format!(
+        "<testsuites name=\"cellcheck\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{:.3}\">\n",
+        r.results.len(),
+        r.results.iter().filter(|t| failing(t.outcome)).count(),
+        r.summary.skip,
+        total_ms as f64 / 1000.0
+    ));
+    for backend in r.backend_names() {
+        let trials: Vec<_> = r.results.iter().filter(|t| t.backend == backend).collect();
+        let ms: u64 = trials.iter().map(|t| t.duration_ms).sum();
+        s.push_str(&format!(
+            "  <testsuite name=\"{}\" tests=\"{}\" failures=\"{}\" skipped=\"{}\" time=\"{:.3}\">\n",
+            x(&backend),
+            trials.len(),
+            trials.iter().filter(|t| failing(t.outcome)).count(),
+            trials.iter().filter(|t| t.outcome == Outcome::Skip).count(),
+            ms as f64 / 1000.0
+        ));
+        if let Some(b) = r.backends.iter().find(|b| b.name == backend) {
+            s.push_str(&format!(
+                "    <properties><property name=\"available\" value=\"{}\"/><property name=\"evidence\" value=\"{}\"/></properties>\n",
+                b.usable,
+                x(&b.why)
+            ));
+        }
+        for t in trials {
+            s.push_str(&format!(
+                "    <testcase classname=\"{}.{}\" name=\"{}\" time=\"{:.3}\"",
+                x(&t.backend),
+                x(&t.family),
+                x(&t.scenario),
+                t.duration_ms as f64 / 1000.0
+            ));
+            let body = match t.outcome {
+                Outcome::Pass => None,
+                Outcome::Fail => Some(format!(
+                    "<failure type=\"fail\" message=\"{}\"/>",
+                    x(&t.reason)
+                )),
+                Outcome::Xpass => Some(format!(
+                    "<failure type=\"xpass\" message=\"listed as a known failure but passed: {}\"/>",
+                    x(&t.reason)
+                )),
+                Outcome::Flaky => Some(format!(
+                    "<failure type=\"flaky\" message=\"outcomes differed between runs: {}\"/>",
+                    x(&t.reason)
+                )),
+                Outcome::Skip => Some(format!("<skipped message=\"{}\"/>", x(&t.reason))),
+                Outcome::Xfail => Some(format!(
+                    "<system-out>expected failure (xfail): {}</system-out>",
+                    x(&t.reason)
+                )),
+            };
+            match body {
+                None => s.push_str("/>\n"),
+                Some(b) => s.push_str(&format!(">{b}</testcase>\n")),
+            }
+        }
+        s.push_str("  </testsuite>\n");
+    }
+    s.push_str("</testsuites>\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::report::fixture;
+
+    #[test]
+    fn junit_parses_back_with_the_right_counts() {
+        let text = fixture::report().to_junit();
+        let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
+        let root = doc.root_element();
+        assert_eq!(root.tag_name().name(), "testsuites");
+        assert_eq!(root.attribute("tests"), Some("7"));
+        assert_eq!(root.attribute("failures"), Some("3"));
+        assert_eq!(root.attribute("skipped"), Some("1"));
+        let suites: Vec<_> = root.children().filter(|n| n.is_element()).collect();
+        let names: Vec<_> = suites
+            .iter()
+            .map(|s| s.attribute("name").unwrap())
+            .collect();
+        assert_eq!(names, ["host", "runsc", "crun"]);
+        let failure = doc
+            .descendants()
+            .find(|n| {
+                n.attribute("name") == Some("code_42")
+                    && n.attribute("classname") == Some("host.exit")
+            })
+            .unwrap()
+            .children()
+            .find(|n| n.has_tag_name("failure"))
+            .unwrap();
+        // Escaped on the way out, intact on the way back (the control byte replaced).
+        assert_eq!(
+            failure.attribute("message"),
+            Some("exit 41, wanted 42 <&\"'>\u{FFFD}")
+        );
+        let types: Vec<_> = doc
+            .descendants()
+            .filter(|n| n.has_tag_name("failure"))
+            .map(|n| n.attribute("type").unwrap())
+            .collect();
+        assert_eq!(types, ["fail", "xpass", "flaky"]);
+        assert_eq!(suites[2].attribute("tests"), Some("0"));
+    }
+}

@@ -1,0 +1,326 @@
+//! Whether a run passes: failures, xpasses, flakes, and the expectations file's own health.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use cellcheck_conformance::expectations::{glob_match, Date, Expectations, ExpectedOutcome};
+use serde::Serialize;
+
+use crate::results::{Outcome, TrialResult};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ProblemKind {
+    Fail,
+    Xpass,
+    Flaky,
+    UnexplainedSkip,
+    ExpiredExpectation,
+    StaleExpectation,
+}
+
+impl fmt::Display for ProblemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProblemKind::Fail => "fail",
+            ProblemKind::Xpass => "xpass",
+            ProblemKind::Flaky => "flaky",
+            ProblemKind::UnexplainedSkip => "unexplained skip",
+            ProblemKind::ExpiredExpectation => "expired expectation",
+            ProblemKind::StaleExpectation => "stale expectation",
+        })
+    }
+}
+
+/// One reason the run fails.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub kind: ProblemKind,
+    /// The trial, for trial problems.
+    pub trial: Option<String>,
+    pub message: String,
+}
+
+/// What the run is judged on.
+pub struct Judged<'a> {
+    pub results: &'a [TrialResult],
+    /// Every trial the suite listed for the backends of this run (run or not).
+    pub listed: &'a BTreeSet<String>,
+    /// Backends whose trials this run listed; staleness is only decidable for them.
+    pub backends: &'a BTreeSet<String>,
+    pub class: &'a str,
+    pub expectations: &'a Expectations,
+    pub today: Date,
+    pub strict: bool,
+    /// Backends this host cannot run, with the probe's evidence: their skips are justified.
+    pub unusable: &'a BTreeMap<String, String>,
+}
+
+/// Every reason the run fails, in a stable order. Empty means the run passes.
+pub fn judge(j: &Judged) -> Vec<Problem> {
+    let mut out = Vec::new();
+    for r in j.results {
+        let kind = match r.outcome {
+            Outcome::Fail => ProblemKind::Fail,
+            Outcome::Xpass => ProblemKind::Xpass,
+            Outcome::Flaky if j.strict => ProblemKind::Flaky,
+            Outcome::Skip if j.strict && !skip_justified(j, r) => ProblemKind::UnexplainedSkip,
+            _ => continue,
+        };
+        out.push(Problem {
+            kind,
+            trial: Some(r.id.clone()),
+            message: r.reason.clone(),
+        });
+    }
+    for e in &j.expectations.entries {
+        let label = format!("{} × {} × {}", e.backend, e.class, e.scenario);
+        match e.expired_on(j.today) {
+            Ok(true) => out.push(Problem {
+                kind: ProblemKind::ExpiredExpectation,
+                trial: None,
+                message: format!(
+                    "{label} expired on {} ({}): fix the backend or renew the entry with a new reason",
+                    e.expires,
+                    e.describe()
+                ),
+            }),
+            Ok(false) => {}
+            Err(m) => out.push(Problem {
+                kind: ProblemKind::ExpiredExpectation,
+                trial: None,
+                message: format!("{label}: unreadable expiry: {m}"),
+            }),
+        }
+        let decidable = j.backends.contains(&e.backend) && glob_match(&e.class, j.class);
+        if decidable && !matches_any(&e.backend, &e.scenario, j.listed) {
+            out.push(Problem {
+                kind: ProblemKind::StaleExpectation,
+                trial: None,
+                message: format!("{label} matches no listed trial: remove or correct it"),
+            });
+        }
+    }
+    out
+}
+
+fn matches_any(backend: &str, scenario_glob: &str, listed: &BTreeSet<String>) -> bool {
+    let prefix = format!("{backend}::");
+    listed
+        .iter()
+        .filter_map(|id| id.strip_prefix(&prefix))
+        .any(|rest| glob_match(scenario_glob, rest))
+}
+
+/// A skip is explained by an expectation, by the host lacking what the backend needs, or by
+/// the backend declaring the capability unsupported (the suite says so in the reason).
+pub fn skip_justified(j: &Judged, r: &TrialResult) -> bool {
+    if j.unusable.contains_key(&r.backend) {
+        return true;
+    }
+    if let Some(e) = j
+        .expectations
+        .lookup(&r.backend, j.class, &r.scenario_path())
+    {
+        if e.outcome == ExpectedOutcome::Skip {
+            return true;
+        }
+    }
+    capability_skip(&r.reason)
+}
+
+/// The suite words a capability skip as `… capability <name> unsupported …` / `unsupported
+/// capability <name>`; a capability the backend does not offer is not a defect of this run.
+fn capability_skip(reason: &str) -> bool {
+    let r = reason.to_ascii_lowercase();
+    cellcheck_contract::Capability::ALL.iter().any(|c| {
+        let name = c.as_str();
+        (r.contains("unsupported") || r.contains("not supported") || r.contains("lacks"))
+            && (r.contains(name) || r.contains(&name.replace('_', " ")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::results::sample;
+
+    const FILE: &str = r#"
+[[expect]]
+backend = "runsc"
+class = "*"
+scenario = "isolation::env_*"
+outcome = "known-failure"
+reason = "runsc adds HOME=/"
+link = "https://gvisor.dev/docs/"
+expires = "2027-06-30"
+
+[[expect]]
+backend = "runsc"
+class = "linux-nokvm"
+scenario = "pause::*"
+outcome = "skip"
+reason = "paused sandboxes cannot be read here"
+link = "https://gvisor.dev/docs/"
+expires = "2027-06-30"
+"#;
+
+    struct Case {
+        results: Vec<TrialResult>,
+        listed: BTreeSet<String>,
+        backends: BTreeSet<String>,
+        exp: Expectations,
+        unusable: BTreeMap<String, String>,
+    }
+
+    impl Case {
+        fn new(results: Vec<TrialResult>) -> Case {
+            let listed = results.iter().map(|r| r.id.clone()).collect();
+            let backends = results.iter().map(|r| r.backend.clone()).collect();
+            Case {
+                results,
+                listed,
+                backends,
+                exp: Expectations::parse(FILE).unwrap(),
+                unusable: BTreeMap::new(),
+            }
+        }
+        fn judge(&self, today: Date, strict: bool) -> Vec<Problem> {
+            judge(&Judged {
+                results: &self.results,
+                listed: &self.listed,
+                backends: &self.backends,
+                class: "linux-nokvm",
+                expectations: &self.exp,
+                today,
+                strict,
+                unusable: &self.unusable,
+            })
+        }
+    }
+
+    fn kinds(p: &[Problem]) -> Vec<ProblemKind> {
+        p.iter().map(|p| p.kind).collect()
+    }
+
+    const TODAY: Date = (2026, 11, 23);
+
+    fn clean_runsc() -> Vec<TrialResult> {
+        vec![
+            sample(
+                "runsc::isolation::env_inside",
+                Outcome::Xfail,
+                "HOME=/ added",
+                40,
+            ),
+            sample(
+                "runsc::pause::counter",
+                Outcome::Skip,
+                "paused sandboxes cannot be read here",
+                0,
+            ),
+            sample("runsc::exit::code_0", Outcome::Pass, "", 30),
+        ]
+    }
+
+    #[test]
+    fn a_clean_run_passes_even_strict() {
+        let c = Case::new(clean_runsc());
+        assert_eq!(c.judge(TODAY, true), vec![]);
+    }
+
+    #[test]
+    fn an_xpass_fails_the_run() {
+        let mut r = clean_runsc();
+        r[0].outcome = Outcome::Xpass;
+        r[0].reason = "listed as known failure but passed (xpass)".into();
+        let p = Case::new(r).judge(TODAY, false);
+        assert_eq!(kinds(&p), [ProblemKind::Xpass]);
+        assert_eq!(p[0].trial.as_deref(), Some("runsc::isolation::env_inside"));
+    }
+
+    #[test]
+    fn an_expired_entry_fails_the_run() {
+        let p = Case::new(clean_runsc()).judge((2027, 7, 1), false);
+        assert_eq!(
+            kinds(&p),
+            [
+                ProblemKind::ExpiredExpectation,
+                ProblemKind::ExpiredExpectation
+            ]
+        );
+        assert!(p[0].message.contains("2027-06-30"), "{}", p[0].message);
+        // The expiry day itself is still valid.
+        assert_eq!(Case::new(clean_runsc()).judge((2027, 6, 30), false), vec![]);
+    }
+
+    #[test]
+    fn a_stale_entry_fails_the_run_only_where_decidable() {
+        let mut c = Case::new(clean_runsc());
+        c.listed.remove("runsc::isolation::env_inside");
+        c.results.remove(0);
+        let p = c.judge(TODAY, false);
+        assert_eq!(kinds(&p), [ProblemKind::StaleExpectation]);
+        assert!(p[0].message.contains("isolation::env_*"));
+        // A run that did not list runsc cannot tell whether a runsc entry is stale.
+        let mut c = Case::new(vec![sample("host::exit::code_0", Outcome::Pass, "", 3)]);
+        c.backends.insert("host".into());
+        assert_eq!(c.judge(TODAY, false), vec![]);
+    }
+
+    #[test]
+    fn strict_fails_an_unexplained_skip_and_a_flake() {
+        let mut r = clean_runsc();
+        r.push(sample(
+            "runsc::exit::code_1",
+            Outcome::Skip,
+            "skipped for no reason",
+            0,
+        ));
+        r.push(sample(
+            "runsc::exit::code_42",
+            Outcome::Flaky,
+            "pass×1, fail×1",
+            9,
+        ));
+        let c = Case::new(r);
+        assert_eq!(kinds(&c.judge(TODAY, false)), []);
+        assert_eq!(
+            kinds(&c.judge(TODAY, true)),
+            [ProblemKind::UnexplainedSkip, ProblemKind::Flaky]
+        );
+    }
+
+    #[test]
+    fn strict_accepts_skips_the_host_or_the_backend_explains() {
+        let mut r = clean_runsc();
+        r.push(sample(
+            "crun::exit::code_0",
+            Outcome::Skip,
+            "crun: preflight failed",
+            0,
+        ));
+        r.push(sample(
+            "runsc::snapshot::restore",
+            Outcome::Skip,
+            "capability snapshot unsupported: criu check fails",
+            0,
+        ));
+        let mut c = Case::new(r);
+        c.unusable
+            .insert("crun".into(), "crun: cannot use hybrid cgroups".into());
+        assert_eq!(c.judge(TODAY, true), vec![]);
+        c.unusable.clear();
+        assert_eq!(kinds(&c.judge(TODAY, true)), [ProblemKind::UnexplainedSkip]);
+    }
+
+    #[test]
+    fn plain_failures_always_fail() {
+        let mut r = clean_runsc();
+        r[2].outcome = Outcome::Fail;
+        assert_eq!(
+            kinds(&Case::new(r).judge(TODAY, false)),
+            [ProblemKind::Fail]
+        );
+    }
+}

@@ -1,0 +1,1 @@
+//! Checks that .github/workflows/conformance.yml agrees with matrix/.
