@@ -47,6 +47,9 @@ pub struct Config {
 pub enum Status {
     /// The cell's pid 1, as a host pid.
     Pid1(u32),
+    /// The workload is forked and held before exec; its pid in the cell's pid namespace. The
+    /// backend looks up its host pid, then writes one byte to [`SYNC_FD`] to let it go on.
+    Forked(u32),
     /// The workload (or exec'd command) runs; its pid as seen by the one who forked it.
     Started(u32),
     Exited(i32),
@@ -59,6 +62,7 @@ impl Status {
     pub fn encode(&self) -> String {
         match self {
             Status::Pid1(p) => format!("P {p}\n"),
+            Status::Forked(p) => format!("F {p}\n"),
             Status::Started(p) => format!("S {p}\n"),
             Status::Exited(c) => format!("X {c}\n"),
             Status::Signaled(s) => format!("K {s}\n"),
@@ -81,6 +85,7 @@ impl Status {
         let (tag, rest) = line.split_once(' ')?;
         Some(match tag {
             "P" => Status::Pid1(rest.parse().ok()?),
+            "F" => Status::Forked(rest.parse().ok()?),
             "S" => Status::Started(rest.parse().ok()?),
             "X" => Status::Exited(rest.parse().ok()?),
             "K" => Status::Signaled(rest.parse().ok()?),
@@ -235,6 +240,7 @@ mod tests {
     fn status_round_trips() {
         for s in [
             Status::Pid1(7),
+            Status::Forked(3),
             Status::Started(2),
             Status::Exited(-1),
             Status::Signaled(15),

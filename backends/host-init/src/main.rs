@@ -71,13 +71,24 @@ fn report_failure((step, errno, message): Failure) {
     });
 }
 
-fn wait_go() -> bool {
+/// Read one byte from the backend on [`SYNC_FD`]; false if it went away instead.
+fn read_sync() -> bool {
     let mut b = [0u8; 1];
-    // SAFETY: reading one byte into a local buffer.
-    let n = unsafe { libc::read(SYNC_FD, b.as_mut_ptr().cast(), 1) };
+    loop {
+        // SAFETY: reading one byte into a local buffer.
+        let n = unsafe { libc::read(SYNC_FD, b.as_mut_ptr().cast(), 1) };
+        if n < 0 && errno() == libc::EINTR {
+            continue;
+        }
+        return n == 1;
+    }
+}
+
+fn wait_go() -> bool {
+    let ok = read_sync();
     // SAFETY: closing an fd we own and no longer use.
     unsafe { libc::close(SYNC_FD) };
-    n == 1
+    ok
 }
 
 fn read_config(state_dir: &str, name: &str) -> Result<Config, Failure> {
@@ -103,7 +114,8 @@ fn cstr(s: impl AsRef<OsStr>) -> CString {
 }
 
 fn cell_main(state_dir: &str) -> i32 {
-    if !wait_go() {
+    // Pid 1 keeps the sync fd: the backend acks the workload's fork on it.
+    if !read_sync() {
         return 1;
     }
     let cfg = match read_config(state_dir, "config") {
@@ -131,9 +143,12 @@ fn cell_main(state_dir: &str) -> i32 {
         unsafe { libc::_exit(code) };
     }
     report(&Status::Pid1(pid as u32));
-    // Only pid 1 may hold the status pipe, so its end is the end of the cell.
-    // SAFETY: closing our copy of the status fd.
-    unsafe { libc::close(STATUS_FD) };
+    // Only pid 1 may hold the pipes, so the status pipe's end is the end of the cell.
+    // SAFETY: closing our copies of the pipes.
+    unsafe {
+        libc::close(STATUS_FD);
+        libc::close(SYNC_FD);
+    }
     let mut st = 0;
     // SAFETY: waiting for our own child.
     while unsafe { libc::waitpid(pid, &mut st, 0) } < 0 && errno() == libc::EINTR {}
@@ -377,7 +392,17 @@ fn pid1(cfg: &Config) -> Result<i32, Failure> {
     let set = signal_set(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP]);
     // SAFETY: blocking signals in our single thread, so sigwaitinfo below sees them.
     unsafe { libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
-    let child = spawn_workload(cfg, true)?;
+    let child = spawn_workload(cfg, true, &|pid| {
+        // Hold the workload until the backend has found its host pid: it may exit at once.
+        report(&Status::Forked(pid as u32));
+        if read_sync() {
+            Ok(())
+        } else {
+            Err(("setup", libc::EPIPE, "the backend went away".into()))
+        }
+    })?;
+    // SAFETY: the sync fd is done with.
+    unsafe { libc::close(SYNC_FD) };
     report(&Status::Started(child as u32));
     loop {
         // SAFETY: waiting on the blocked set; info is a local.
@@ -468,7 +493,11 @@ fn candidates(cfg: &Config) -> Vec<CString> {
 
 /// Fork the workload (or exec'd command). Returns its pid once it has exec'd; a failure to chdir
 /// or exec comes back through a close-on-exec pipe as the failed step.
-fn spawn_workload(cfg: &Config, reset_oom: bool) -> Result<libc::pid_t, Failure> {
+fn spawn_workload(
+    cfg: &Config,
+    reset_oom: bool,
+    gate: &dyn Fn(libc::pid_t) -> Result<(), Failure>,
+) -> Result<libc::pid_t, Failure> {
     let argv: Vec<CString> = cfg.argv.iter().map(cstr).collect();
     let envp: Vec<CString> = cfg.env.iter().map(cstr).collect();
     let mut argv_p: Vec<*const libc::c_char> = argv.iter().map(|c| c.as_ptr()).collect();
@@ -483,6 +512,12 @@ fn spawn_workload(cfg: &Config, reset_oom: bool) -> Result<libc::pid_t, Failure>
         return Err(fail("setup", "exec error pipe"));
     }
     let (rd, wr) = (p[0], p[1]);
+    let mut g = [0i32; 2];
+    // SAFETY: creating a pipe into a local array.
+    if unsafe { libc::pipe2(g.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(fail("setup", "gate pipe"));
+    }
+    let (gate_rd, gate_wr) = (g[0], g[1]);
     // SAFETY: single-threaded; the child uses only syscalls and the buffers prepared above.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -497,6 +532,13 @@ fn spawn_workload(cfg: &Config, reset_oom: bool) -> Result<libc::pid_t, Failure>
                 libc::write(wr, buf.as_ptr().cast(), 5);
                 libc::_exit(127);
             };
+            // Our copy of the gate's write end would keep the read below from ever seeing EOF.
+            libc::close(gate_wr);
+            let mut b = [0u8; 1];
+            while libc::read(gate_rd, b.as_mut_ptr().cast(), 1) < 0 && errno() == libc::EINTR {}
+            if b[0] != b'g' {
+                libc::_exit(127);
+            }
             let empty = signal_set(&[]);
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             if reset_oom {
@@ -543,8 +585,27 @@ fn spawn_workload(cfg: &Config, reset_oom: bool) -> Result<libc::pid_t, Failure>
             tell(b'X', last);
         }
     }
-    // SAFETY: closing the parent's copy of the write end.
-    unsafe { libc::close(wr) };
+    // SAFETY: closing the parent's copies of the child's ends.
+    unsafe {
+        libc::close(wr);
+        libc::close(gate_rd);
+    }
+    let gated = gate(pid);
+    if gated.is_ok() {
+        // SAFETY: one byte from a local buffer.
+        unsafe { libc::write(gate_wr, b"g".as_ptr().cast(), 1) };
+    }
+    // SAFETY: closing our end; without the byte the child exits without running anything.
+    unsafe { libc::close(gate_wr) };
+    if let Err(f) = gated {
+        let mut st = 0;
+        // SAFETY: reaping the child we just released to its exit.
+        unsafe {
+            libc::close(rd);
+            libc::waitpid(pid, &mut st, 0);
+        }
+        return Err(f);
+    }
     let mut buf = [0u8; 5];
     let mut got = 0;
     while got < 5 {
@@ -609,7 +670,7 @@ fn exec_inner(state_dir: &str, name: &str) -> Result<i32, Failure> {
         // SAFETY: closing the namespace fd.
         unsafe { libc::close(fd) };
     }
-    let child = spawn_workload(&cfg, false)?;
+    let child = spawn_workload(&cfg, false, &|_| Ok(()))?;
     report(&Status::Started(child as u32));
     let mut st = 0;
     // SAFETY: waiting for our own child.

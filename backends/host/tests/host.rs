@@ -1,0 +1,573 @@
+//! Real cells on this host: every test drives the real init, namespaces and cgroups (root only).
+//! After every test, nothing of its cells may be left: no cgroup dir, no state dir, no process.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use cellcheck_contract::spec::Limits;
+use cellcheck_contract::{
+    Backend, Capability, CellDocument, CellError, EnvVar, ExecRequest, Footprint, ResourceKind,
+    Support, Termination, PROBE_PATH,
+};
+use cellcheck_host::{HostBackend, HostConfig};
+
+/// The backend, or `None` (with the reason printed) where these tests cannot run.
+fn backend() -> Option<HostBackend> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the host backend needs root");
+        return None;
+    }
+    let fx = cellcheck_fixtures::ensure().expect("fixtures");
+    Some(HostBackend::new(HostConfig::from_fixtures(&fx)))
+}
+
+fn probe(args: &[&str]) -> CellDocument {
+    probe_id(&format!("t{:08x}", rand::random::<u32>()), args)
+}
+
+fn probe_id(id: &str, args: &[&str]) -> CellDocument {
+    let mut argv = vec![PROBE_PATH.to_string()];
+    argv.extend(args.iter().map(|s| s.to_string()));
+    CellDocument::new(id, argv)
+}
+
+fn sh(script: &str) -> CellDocument {
+    CellDocument::new(
+        format!("s{:08x}", rand::random::<u32>()),
+        ["/bin/sh", "-c", script],
+    )
+}
+
+fn processes_with(marker: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        for f in ["cmdline", "environ"] {
+            if let Ok(b) = std::fs::read(e.path().join(f)) {
+                if b.windows(marker.len()).any(|w| w == marker.as_bytes()) {
+                    out.push(pid);
+                    break;
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Nothing of the cell is left on the host.
+fn assert_clean(fp: &Footprint) {
+    for d in &fp.cgroup_dirs {
+        assert!(!d.exists(), "cgroup dir left: {}", d.display());
+    }
+    for p in &fp.paths {
+        assert!(!p.exists(), "path left: {}", p.display());
+    }
+    for m in &fp.process_markers {
+        assert_eq!(processes_with(m), Vec::<u32>::new(), "processes with {m}");
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    for m in &fp.mount_markers {
+        assert!(!mounts.contains(m.as_str()), "mount with {m} left");
+    }
+}
+
+async fn finish(b: &HostBackend, id: &str) {
+    let fp = b.footprint(id);
+    b.destroy(id).await.expect("destroy");
+    assert_clean(&fp);
+    if b.list().await.is_empty() {
+        assert!(!b.config().state_root.exists(), "state root left");
+    }
+}
+
+#[tokio::test]
+async fn exit_code_and_output() {
+    let Some(b) = backend() else { return };
+    let d = sh("echo out; echo err >&2; exit 7");
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.termination, Termination::Exited { code: 7 });
+    assert_eq!(r.stdout_str(), "out\n");
+    assert_eq!(r.stderr_str(), "err\n");
+    // Waiting again gives the same report.
+    assert_eq!(b.wait(&id).await.unwrap(), r);
+    assert_eq!(b.list().await, vec![id.clone()]);
+    let t = b.destroy(&id).await.unwrap();
+    assert!(!t.killed_running);
+    assert_eq!(t.remaining_cells, 0);
+    assert_clean(&b.footprint(&id));
+}
+
+#[tokio::test]
+async fn signal_death_is_reported() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["signal", "TERM"]);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.termination, Termination::Signaled { signal: 15 });
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn missing_program_is_not_found_and_leaves_nothing() {
+    let Some(b) = backend() else { return };
+    for argv0 in ["/no/such/program", "no-such-program", "/etc/passwd"] {
+        let d = CellDocument::new("missing", [argv0]);
+        let fp = b.footprint("missing");
+        let e = b.create(&d).await.unwrap_err();
+        assert_eq!(
+            e,
+            CellError::NotFound {
+                kind: ResourceKind::Program,
+                id: argv0.into()
+            }
+        );
+        assert!(b.list().await.is_empty());
+        assert_clean(&fp);
+        assert!(!b.config().state_root.exists());
+        assert_eq!(
+            b.destroy("missing").await.unwrap_err(),
+            CellError::cell_not_found("missing")
+        );
+    }
+}
+
+#[tokio::test]
+async fn bad_documents_are_refused_before_anything_exists() {
+    let Some(b) = backend() else { return };
+    let d = CellDocument::new("bad/id", ["/bin/true"]);
+    assert!(matches!(
+        b.create(&d).await,
+        Err(CellError::InvalidSpec { .. })
+    ));
+    let d = CellDocument::new("ok", ["/bin/true"]).with_env("A=B", "x");
+    assert!(matches!(
+        b.create(&d).await,
+        Err(CellError::InvalidSpec { .. })
+    ));
+    assert_clean(&b.footprint("ok"));
+    let mut d = CellDocument::new("cwd", ["/bin/true"]);
+    d.spec.run.working_directory = Some("/does/not/exist".into());
+    match b.create(&d).await {
+        Err(CellError::InvalidSpec { field, .. }) => assert_eq!(field, "spec.run.workingDirectory"),
+        other => panic!("expected invalid cwd, got {other:?}"),
+    }
+    assert_clean(&b.footprint("cwd"));
+    assert!(!b.config().state_root.exists());
+}
+
+#[tokio::test]
+async fn env_is_exactly_the_declared_set() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["hold"])
+        .with_env("ZED", "last=first")
+        .with_env("A", "")
+        .with_env("SECRET", "s3cr3t value");
+    let id = d.spec.id.clone();
+    let h = b.create(&d).await.unwrap();
+    let pid = h.host_pid.expect("host pid");
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    assert_eq!(environ, b"ZED=last=first\0A=\0SECRET=s3cr3t value\0");
+    // No host process has the secret on its command line.
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
+            assert!(!c.windows(6).any(|w| w == b"s3cr3t"), "secret in argv of {:?}", e.path());
+        }
+    }
+    // The config file that carried it is gone.
+    let left: Vec<_> = std::fs::read_dir(b.state_dir(&id))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!left.iter().any(|n| n.contains("config")), "{left:?}");
+    finish(&b, &id).await;
+
+    let d = probe(&["env"]).with_env("K", "v").with_env("PATHLESS", "1");
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.stdout, b"K=v\0PATHLESS=1\0");
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn fds_are_exactly_stdio_even_when_the_caller_leaks() {
+    let Some(b) = backend() else { return };
+    // Fds without close-on-exec in the caller, the kind a sloppy harness leaks.
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        // SAFETY: opening /dev/null without O_CLOEXEC on purpose.
+        let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY) };
+        assert!(fd >= 0);
+        held.push(fd);
+    }
+    let d = probe(&["hold"]);
+    let id = d.spec.id.clone();
+    let h = b.create(&d).await.unwrap();
+    let pid = h.host_pid.unwrap();
+    let fds: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(fds, ["0", "1", "2"].map(String::from).into());
+    let state = b.state_dir(&id);
+    let out = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap();
+    assert_eq!(out, state.join("stdout"), "stdout is the backend's capture file");
+    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(), Path::new("/dev/null"));
+    finish(&b, &id).await;
+
+    let d = probe(&["fds"]);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    assert_eq!(b.wait(&id).await.unwrap().stdout_str(), "0 1 2\n");
+    finish(&b, &id).await;
+    for fd in held {
+        // SAFETY: closing the fds opened above.
+        unsafe { libc::close(fd) };
+    }
+}
+
+#[tokio::test]
+async fn hostname_network_and_pid_views_are_the_cells() {
+    let Some(b) = backend() else { return };
+    for (args, want) in [
+        (&["hostname"][..], "ID\n"),
+        (&["netifs"][..], "lo\n"),
+    ] {
+        let d = probe(args);
+        let id = d.spec.id.clone();
+        b.create(&d).await.unwrap();
+        let r = b.wait(&id).await.unwrap();
+        assert_eq!(r.stdout_str(), want.replace("ID", &id), "{args:?}");
+        finish(&b, &id).await;
+    }
+    let d = probe(&["pids"]);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let out = b.wait(&id).await.unwrap().stdout_str();
+    // Only the cell's init and the probe itself.
+    assert_eq!(out, "1 2\nself=2\n");
+    finish(&b, &id).await;
+    // Loopback is up.
+    let d = sh("cat /sys/class/net/lo/operstate /sys/class/net/lo/flags");
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let out = b.wait(&id).await.unwrap().stdout_str();
+    let flags = u32::from_str_radix(out.lines().nth(1).unwrap().trim_start_matches("0x"), 16).unwrap();
+    assert_eq!(flags & 1, 1, "lo is up: {out}");
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn memory_limit_ends_in_out_of_memory() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["alloc", "256"]).with_limits(Limits {
+        memory_max_bytes: Some(32 << 20),
+        ..Limits::default()
+    });
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.termination, Termination::OutOfMemory, "{}", r.stdout_str());
+    finish(&b, &id).await;
+    // Within the limit it runs to the end.
+    let d = probe(&["alloc", "8"]).with_limits(Limits {
+        memory_max_bytes: Some(64 << 20),
+        ..Limits::default()
+    });
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.termination, Termination::Exited { code: 0 });
+    assert_eq!(r.stdout_str(), "allocated=8\n");
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn pids_limit_caps_fork() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["fork", "20"]).with_limits(Limits {
+        pids_max: Some(8),
+        ..Limits::default()
+    });
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let out = b.wait(&id).await.unwrap().stdout_str();
+    // pid 1 and the probe count too: 6 children fit under 8.
+    assert_eq!(out, "forked=6 failed=14\n");
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn timeout_kills_and_keeps_the_cell_listed() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["hold"]).with_timeout_ms(300);
+    let id = d.spec.id.clone();
+    let h = b.create(&d).await.unwrap();
+    let pid = h.host_pid.unwrap();
+    let t0 = Instant::now();
+    let e = b.wait(&id).await.unwrap_err();
+    assert_eq!(e, CellError::DeadlineExceeded { after_ms: 300 });
+    assert!(t0.elapsed() < Duration::from_secs(5));
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "workload killed");
+    assert_eq!(b.list().await, vec![id.clone()]);
+    assert_eq!(b.wait(&id).await.unwrap_err(), e);
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn timeout_is_enforced_without_a_waiter() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["hold"]).with_timeout_ms(200);
+    let id = d.spec.id.clone();
+    let pid = b.create(&d).await.unwrap().host_pid.unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "workload killed");
+    assert!(matches!(b.wait(&id).await, Err(CellError::DeadlineExceeded { .. })));
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn ttl_reaper_destroys_the_cell() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["hold"]).with_ttl_seconds(1);
+    let id = d.spec.id.clone();
+    let fp = b.footprint(&id);
+    b.create(&d).await.unwrap();
+    let t0 = Instant::now();
+    while b.list().await.contains(&id) {
+        assert!(t0.elapsed() < Duration::from_secs(10), "ttl reaper did not run");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(t0.elapsed() >= Duration::from_millis(800));
+    assert_eq!(b.destroy(&id).await.unwrap_err(), CellError::cell_not_found(&id));
+    assert_clean(&fp);
+}
+
+#[tokio::test]
+async fn destroy_kills_daemonized_grandchildren() {
+    let Some(b) = backend() else { return };
+    let marker = format!("mark-{:08x}", rand::random::<u32>());
+    let d = probe(&["daemon"]).with_env("CELLCHECK_MARK", &marker);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let t0 = Instant::now();
+    while processes_with(&marker).len() < 2 {
+        assert!(t0.elapsed() < Duration::from_secs(5), "daemon did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let t = b.destroy(&id).await.unwrap();
+    assert!(t.killed_running);
+    assert_eq!(processes_with(&marker), Vec::<u32>::new());
+    assert_clean(&b.footprint(&id));
+
+    // A daemon left behind by a workload that exited is gone too.
+    let d = probe(&["daemon-exit"]).with_env("CELLCHECK_MARK", &marker);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.code(), Some(0));
+    assert_eq!(processes_with(&marker), Vec::<u32>::new(), "pid 1's exit ends the cell");
+    finish(&b, &id).await;
+}
+
+fn read_count(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/root/tmp/count"))
+        .ok()
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn pause_freezes_and_resume_thaws() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["count", "/tmp/count", "10"]);
+    let id = d.spec.id.clone();
+    let pid = b.create(&d).await.unwrap().host_pid.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    b.pause(&id).await.unwrap();
+    let a = read_count(pid);
+    assert!(a > 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(read_count(pid), a, "frozen");
+    let e = b
+        .exec(&id, ExecRequest { argv: vec!["/bin/true".into()], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CellError::InvalidState { .. }), "{e:?}");
+    b.resume(&id).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(read_count(pid) > a, "thawed");
+    // Destroying a paused cell works too.
+    b.pause(&id).await.unwrap();
+    let t = b.destroy(&id).await.unwrap();
+    assert!(t.killed_running);
+    assert_clean(&b.footprint(&id));
+}
+
+#[tokio::test]
+async fn exec_runs_in_the_cell_with_its_own_env() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["hold"]).with_env("WORKLOAD", "1");
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let run = |argv: &[&str], env: &[(&str, &str)]| ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: env
+            .iter()
+            .map(|(n, v)| EnvVar { name: n.to_string(), value: v.to_string() })
+            .collect(),
+        timeout_ms: None,
+    };
+    let r = b.exec(&id, run(&[PROBE_PATH, "hostname"], &[])).await.unwrap();
+    assert_eq!(r.stdout_str(), format!("{id}\n"));
+    let r = b.exec(&id, run(&[PROBE_PATH, "env"], &[("X", "1")])).await.unwrap();
+    assert_eq!(r.stdout, b"X=1\0");
+    let r = b.exec(&id, run(&[PROBE_PATH, "fds"], &[])).await.unwrap();
+    assert_eq!(r.stdout_str(), "0 1 2\n");
+    // Same pid namespace: the workload is there.
+    let r = b.exec(&id, run(&[PROBE_PATH, "pids"], &[])).await.unwrap();
+    assert!(r.stdout_str().starts_with("1 2 "), "{}", r.stdout_str());
+    let r = b.exec(&id, run(&["/bin/sh", "-c", "echo e >&2; exit 3"], &[])).await.unwrap();
+    assert_eq!(r.termination, Termination::Exited { code: 3 });
+    assert_eq!(r.stderr_str(), "e\n");
+    let e = b.exec(&id, run(&["/nope"], &[])).await.unwrap_err();
+    assert_eq!(e, CellError::NotFound { kind: ResourceKind::Program, id: "/nope".into() });
+    let mut slow = run(&[PROBE_PATH, "hold"], &[]);
+    slow.timeout_ms = Some(200);
+    assert_eq!(
+        b.exec(&id, slow).await.unwrap_err(),
+        CellError::DeadlineExceeded { after_ms: 200 }
+    );
+    // Only the cell's init and the workload remain.
+    let r = b.exec(&id, run(&[PROBE_PATH, "pids"], &[])).await.unwrap();
+    assert_eq!(r.stdout_str().lines().next(), Some("1 2 4"), "{}", r.stdout_str());
+    assert!(matches!(
+        b.exec("nope", run(&["/bin/true"], &[])).await,
+        Err(CellError::NotFound { kind: ResourceKind::Cell, .. })
+    ));
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn exec_after_the_workload_ended_is_invalid_state() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["exit", "0"]);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    b.wait(&id).await.unwrap();
+    let e = b
+        .exec(&id, ExecRequest { argv: vec!["/bin/true".into()], ..Default::default() })
+        .await
+        .unwrap_err();
+    assert!(matches!(e, CellError::InvalidState { .. }), "{e:?}");
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
+async fn ids_duplicate_twice_and_reuse() {
+    let Some(b) = backend() else { return };
+    let d = probe_id("same", &["hold"]);
+    b.create(&d).await.unwrap();
+    assert_eq!(
+        b.create(&d).await.unwrap_err(),
+        CellError::AlreadyExists { id: "same".into() }
+    );
+    let t = b.destroy("same").await.unwrap();
+    assert!(t.killed_running);
+    assert_eq!(b.destroy("same").await.unwrap_err(), CellError::cell_not_found("same"));
+    assert_clean(&b.footprint("same"));
+    b.create(&d).await.unwrap();
+    let other = probe_id("other", &["hold"]);
+    b.create(&other).await.unwrap();
+    assert_eq!(b.list().await, vec!["other".to_string(), "same".to_string()]);
+    assert_eq!(b.destroy("same").await.unwrap().remaining_cells, 1);
+    finish(&b, "other").await;
+}
+
+#[tokio::test]
+async fn concurrent_destroys_exactly_one_wins() {
+    let Some(b) = backend() else { return };
+    for round in 0..3 {
+        let id = format!("race{round}");
+        b.create(&probe_id(&id, &["tree", "3"])).await.unwrap();
+        let (x, y, z) = tokio::join!(b.destroy(&id), b.destroy(&id), b.destroy(&id));
+        let oks = [&x, &y, &z].iter().filter(|r| r.is_ok()).count();
+        assert_eq!(oks, 1, "{x:?} {y:?} {z:?}");
+        for r in [x, y, z] {
+            if let Err(e) = r {
+                assert_eq!(e, CellError::cell_not_found(&id));
+            }
+        }
+        assert_clean(&b.footprint(&id));
+    }
+    assert!(!b.config().state_root.exists());
+}
+
+#[tokio::test]
+async fn dropping_the_backend_destroys_its_cells() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["tree", "2"]);
+    let fp = b.footprint(&d.spec.id);
+    b.create(&d).await.unwrap();
+    let root = b.config().state_root.clone();
+    drop(b);
+    assert_clean(&fp);
+    assert!(!root.exists());
+}
+
+#[tokio::test]
+async fn capabilities_preflight_and_attributes() {
+    let Some(b) = backend() else { return };
+    let caps = b.capabilities();
+    for c in Capability::ALL {
+        if c == Capability::Snapshot {
+            match caps.support(c) {
+                Support::Unsupported { reason } => {
+                    assert!(reason.starts_with("criu"), "{reason}")
+                }
+                Support::Supported => panic!("snapshot is not implemented"),
+            }
+        } else {
+            assert!(caps.has(c), "{c}");
+        }
+    }
+    assert_eq!(b.capabilities(), caps);
+    let a = b.attributes();
+    assert!(["v1", "v2"].contains(&a["cgroup"].as_str()) || a["cgroup"].starts_with("mixed"));
+    let av = b.preflight().await;
+    assert!(av.is_available(), "{av:?}");
+    assert!(b.list().await.is_empty());
+    assert!(!b.config().state_root.exists());
+    assert_eq!(
+        b.snapshot("x").await.unwrap_err(),
+        CellError::Unsupported { capability: Capability::Snapshot }
+    );
+}
+
+#[tokio::test]
+async fn missing_init_is_unavailable_with_the_path() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the host backend needs root");
+        return;
+    }
+    let b = HostBackend::new(HostConfig::new("/nonexistent/init", "/nonexistent/rootfs"));
+    match b.preflight().await {
+        cellcheck_contract::Availability::Unavailable { reason } => {
+            assert!(reason.contains("/nonexistent/init"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
+}
