@@ -1,0 +1,320 @@
+//! The runtime CLI: which binary, which global flags, and how to read what it says.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use cellcheck_contract::Termination;
+
+/// The OCI runtimes this crate drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuntimeKind {
+    Runc,
+    Crun,
+    Runsc,
+}
+
+impl RuntimeKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            RuntimeKind::Runc => "runc",
+            RuntimeKind::Crun => "crun",
+            RuntimeKind::Runsc => "runsc",
+        }
+    }
+
+    /// The variable that overrides the binary, e.g. `CELLCHECK_RUNSC_BIN`.
+    pub fn bin_env(self) -> &'static str {
+        match self {
+            RuntimeKind::Runc => "CELLCHECK_RUNC_BIN",
+            RuntimeKind::Crun => "CELLCHECK_CRUN_BIN",
+            RuntimeKind::Runsc => "CELLCHECK_RUNSC_BIN",
+        }
+    }
+}
+
+/// Resolve a binary: the override if set, else the first `name` on `PATH`.
+pub fn find_binary(kind: RuntimeKind) -> Result<PathBuf, String> {
+    if let Some(p) = std::env::var_os(kind.bin_env()) {
+        return Ok(PathBuf::from(p));
+    }
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    for dir in std::env::split_paths(&path) {
+        let p = dir.join(kind.name());
+        if is_executable(&p) {
+            return Ok(p);
+        }
+    }
+    Err(format!(
+        "{}: not found on PATH (set {} to its path)",
+        kind.name(),
+        kind.bin_env()
+    ))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p)
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// One runtime binary with its own state root.
+#[derive(Debug, Clone)]
+pub struct Runtime {
+    pub kind: RuntimeKind,
+    pub bin: PathBuf,
+    /// Passed as `--root`; never the runtime's global default.
+    pub state: PathBuf,
+    /// runsc only: `--platform`.
+    pub platform: Option<String>,
+}
+
+/// What a short runtime command returned.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub ok: bool,
+    pub status: String,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Outcome {
+    /// The runtime's own message, for errors.
+    pub fn message(&self, kind: RuntimeKind) -> String {
+        let m = runtime_message(&self.stderr);
+        if m.is_empty() {
+            format!("{} exited {}", kind.name(), self.status)
+        } else {
+            m
+        }
+    }
+}
+
+impl Runtime {
+    /// Global flags every command of this runtime gets (runsc reads them on every command, so
+    /// `--network=none` must be repeated, not only given to `create`).
+    pub fn global_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["--root".into(), self.state.clone().into()];
+        if self.kind == RuntimeKind::Runsc {
+            a.push("--network=none".into());
+            if let Some(p) = &self.platform {
+                a.push(format!("--platform={p}").into());
+            }
+        }
+        a
+    }
+
+    /// Full argv (binary first) for `args`.
+    pub fn argv(&self, args: &[OsString]) -> Vec<OsString> {
+        let mut v = vec![self.bin.clone().into_os_string()];
+        v.extend(self.global_args());
+        v.extend(args.iter().cloned());
+        v
+    }
+
+    /// Run a short command that starts nothing detached (state, start, kill, delete, pause, ...),
+    /// with its output piped back.
+    pub async fn run(&self, args: &[&str]) -> Outcome {
+        let args: Vec<OsString> = args.iter().map(OsString::from).collect();
+        self.run_os(&args).await
+    }
+
+    pub async fn run_os(&self, args: &[OsString]) -> Outcome {
+        let argv = self.argv(args);
+        let mut cmd = tokio::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        match cmd.output().await {
+            Ok(o) => Outcome {
+                ok: o.status.success(),
+                status: o.status.to_string(),
+                stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+            },
+            Err(e) => Outcome {
+                ok: false,
+                status: "not run".into(),
+                stdout: String::new(),
+                stderr: format!("{}: {e}", self.bin.display()),
+            },
+        }
+    }
+}
+
+/// The meaningful part of a runtime's stderr: runc's logrus `msg="..."` fields, else the last
+/// non-empty lines as they are (crun and runsc print plain text).
+pub fn runtime_message(stderr: &str) -> String {
+    let mut msgs = Vec::new();
+    for line in stderr.lines() {
+        if let Some(i) = line.find("msg=\"") {
+            let rest = &line[i + 5..];
+            let mut out = String::new();
+            let mut chars = rest.chars();
+            while let Some(c) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some(n) = chars.next() {
+                            out.push(n);
+                        }
+                    }
+                    '"' => break,
+                    c => out.push(c),
+                }
+            }
+            msgs.push(out);
+        }
+    }
+    if !msgs.is_empty() {
+        return msgs.join("; ");
+    }
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    lines[lines.len().saturating_sub(2)..].join("; ")
+}
+
+/// Whether a runtime's message says the program `argv0` is missing or not executable.
+///
+/// runc: `exec: "/x": stat /x: no such file or directory` (or `executable file not found`);
+/// crun: `executable file `/x` not found`; runsc (at start): `failed to load /x: no such file`.
+pub fn is_missing_program(msg: &str, argv0: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    let names_it = msg.contains(&format!("\"{argv0}\""))
+        || msg.contains(&format!("`{argv0}`"))
+        || msg.contains(&format!("load {argv0}:"))
+        || msg.contains(&format!("stat {argv0}:"));
+    names_it
+        && (m.contains("no such file or directory")
+            || m.contains("executable file not found")
+            || m.contains("not found")
+            || m.contains("permission denied")
+            || m.contains("exec format error"))
+}
+
+/// A raw `waitpid` status as a [`Termination`].
+pub fn termination(status: i32) -> Termination {
+    if libc::WIFSIGNALED(status) {
+        Termination::Signaled {
+            signal: libc::WTERMSIG(status),
+        }
+    } else {
+        Termination::Exited {
+            code: libc::WEXITSTATUS(status),
+        }
+    }
+}
+
+/// An exit code from a runtime that folds a signal into `128 + N` (runsc exec, runsc's sandbox
+/// process). Exit codes 129..=192 of a program are indistinguishable from a signal there.
+pub fn termination_from_folded_code(code: i32) -> Termination {
+    if (129..=128 + 64).contains(&code) {
+        Termination::Signaled { signal: code - 128 }
+    } else {
+        Termination::Exited { code }
+    }
+}
+
+/// `runsc wait` prints `{"id":"…","exitStatus":N}` where N is the raw wait status.
+pub fn parse_runsc_wait(stdout: &str) -> Option<i32> {
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
+    v.get("exitStatus")?.as_i64().map(|n| n as i32)
+}
+
+/// The sandbox's boot log line `application exiting with exit status N` / `killed by signal N`.
+pub fn parse_runsc_boot_log(log: &str) -> Option<Termination> {
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("application exiting with"))?;
+    let tail = line.split("application exiting with").nth(1)?.trim();
+    let num = |p: &str| tail.strip_prefix(p).and_then(|n| n.trim().parse::<i32>().ok());
+    if let Some(code) = num("exit status") {
+        Some(Termination::Exited { code })
+    } else {
+        num("killed by signal").map(|signal| Termination::Signaled { signal })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_logrus_message_is_extracted() {
+        let e = r#"time="2026-11-23T12:19:02Z" level=error msg="runc create failed: unable to start container process: exec: \"/bin/nope\": stat /bin/nope: no such file or directory""#;
+        let m = runtime_message(e);
+        assert_eq!(
+            m,
+            r#"runc create failed: unable to start container process: exec: "/bin/nope": stat /bin/nope: no such file or directory"#
+        );
+        assert!(is_missing_program(&m, "/bin/nope"));
+        assert!(!is_missing_program(&m, "/bin/sh"));
+    }
+
+    #[test]
+    fn runsc_and_crun_missing_program_messages() {
+        let runsc = "starting container: starting root container: starting sandbox: creating process: failed to load /bin/nope: no such file or directory";
+        assert!(is_missing_program(&runtime_message(runsc), "/bin/nope"));
+        let crun = "crun: executable file `/bin/nope` not found in $PATH: No such file or directory";
+        assert!(is_missing_program(crun, "/bin/nope"));
+        let cwd = r#"chdir to cwd ("/nope") set in config.json failed: no such file or directory"#;
+        assert!(!is_missing_program(cwd, "/bin/true"));
+    }
+
+    #[test]
+    fn wait_statuses_decode() {
+        assert_eq!(termination(3 << 8), Termination::Exited { code: 3 });
+        assert_eq!(termination(9), Termination::Signaled { signal: 9 });
+        assert_eq!(
+            termination_from_folded_code(137),
+            Termination::Signaled { signal: 9 }
+        );
+        assert_eq!(
+            termination_from_folded_code(3),
+            Termination::Exited { code: 3 }
+        );
+        assert_eq!(parse_runsc_wait(r#"{"id":"x4","exitStatus":768}"#), Some(768));
+        assert_eq!(parse_runsc_wait("garbage"), None);
+        let log = "I1123 12:20:23.583087    9103 boot.go:389] application exiting with killed by signal 9\n";
+        assert_eq!(
+            parse_runsc_boot_log(log),
+            Some(Termination::Signaled { signal: 9 })
+        );
+        let log = "x\nI1123 12:22:57.648040   15617 boot.go:389] application exiting with exit status 3";
+        assert_eq!(
+            parse_runsc_boot_log(log),
+            Some(Termination::Exited { code: 3 })
+        );
+        assert_eq!(parse_runsc_boot_log("nothing"), None);
+    }
+
+    #[test]
+    fn runsc_repeats_its_global_flags() {
+        let rt = Runtime {
+            kind: RuntimeKind::Runsc,
+            bin: "/usr/bin/runsc".into(),
+            state: "/run/x/state".into(),
+            platform: Some("ptrace".into()),
+        };
+        let argv = rt.argv(&["start".into(), "id".into()]);
+        let s: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();
+        assert_eq!(
+            s,
+            [
+                "/usr/bin/runsc",
+                "--root",
+                "/run/x/state",
+                "--network=none",
+                "--platform=ptrace",
+                "start",
+                "id"
+            ]
+        );
+    }
+}
