@@ -222,11 +222,11 @@ impl Conn {
 
     fn timed_out(&self, op: &str, id: u64, deadline: Duration) -> CellError {
         let what = format!(
-            "driver did not answer {op} (request {id}) within {} ms; killed it",
+            "driver did not answer request {id} within {} ms; killed it",
             deadline.as_millis()
         );
         self.shared.fail(&what, true);
-        CellError::failure(format!("{}: {what}", self.shared.label))
+        CellError::failure(format!("{}: {what} during {op}", self.shared.label))
     }
 
     /// Send `op` and wait for its answer, at most `deadline` (then the driver is killed).
