@@ -1,1 +1,109 @@
-//! Checks that .github/workflows/conformance.yml agrees with matrix/.
+//! `.github/workflows/conformance.yml` must agree with `matrix/`: one job per runner class, the
+//! class's backends, one shard per partition. Checked like a generated file: by a plain test.
+
+use serde_yaml::Value;
+
+use crate::matrix::{ClassMatrix, CLASSES};
+use crate::util::project_root;
+
+fn workflow() -> Value {
+    let path = project_root().join(".github/workflows/conformance.yml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
+    v.get(key).and_then(Value::as_str).unwrap_or("")
+}
+
+fn steps(job: &Value) -> Vec<&Value> {
+    job.get("steps")
+        .and_then(Value::as_sequence)
+        .map(|s| s.iter().collect())
+        .unwrap_or_default()
+}
+
+fn runs(job: &Value) -> Vec<String> {
+    steps(job)
+        .iter()
+        .map(|s| str_of(s, "run").to_string())
+        .collect()
+}
+
+#[test]
+fn workflow_jobs_match_the_runner_classes() {
+    let wf = workflow();
+    let jobs = wf.get("jobs").and_then(Value::as_mapping).expect("jobs");
+    // Every job that runs the suite is a class, and every class has its job.
+    let suite_jobs: Vec<String> = jobs
+        .iter()
+        .filter(|(_, j)| {
+            runs(j)
+                .iter()
+                .any(|r| r.contains("cargo xtask conformance"))
+        })
+        .map(|(k, _)| k.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(suite_jobs, CLASSES, "jobs running the suite");
+
+    for class in CLASSES {
+        let m = ClassMatrix::load(class).unwrap();
+        let job = &jobs[class];
+        let env = &job["env"];
+        assert_eq!(str_of(env, "CELLCHECK_HOST_CLASS"), class);
+        assert_eq!(
+            str_of(env, "CELLCHECK_EXPECT_BACKENDS"),
+            m.names().join(","),
+            "{class}: backends differ from matrix/{class}.toml"
+        );
+        assert_eq!(str_of(job, "runs-on"), m.runner, "{class}: runner");
+
+        let shards: Vec<String> = job["strategy"]["matrix"]["partition"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("{class}: no partition matrix"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let want: Vec<String> = (1..=m.partitions)
+            .map(|k| format!("{k}/{}", m.partitions))
+            .collect();
+        assert_eq!(
+            shards, want,
+            "{class}: shards vs partitions = {}",
+            m.partitions
+        );
+
+        let r = runs(job);
+        assert!(
+            r.iter()
+                .any(|l| l.contains(&format!("cargo xtask probe --expect-class {class}"))),
+            "{class}: no probe step asserting the class"
+        );
+        assert!(
+            r.iter().any(|l| l
+                .contains("cargo xtask conformance --strict --partition ${{ matrix.partition }}")),
+            "{class}: the suite must run strict and sharded"
+        );
+        let upload = steps(job)
+            .into_iter()
+            .find(|s| str_of(s, "uses").starts_with("actions/upload-artifact@"))
+            .unwrap_or_else(|| panic!("{class}: no upload step"));
+        assert_eq!(
+            str_of(upload, "if"),
+            "always()",
+            "{class}: upload also on failure"
+        );
+        assert_eq!(str_of(&upload["with"], "path"), "target/conformance/");
+    }
+
+    let kvm = runs(&jobs["linux-kvm"]).join("\n");
+    assert!(
+        kvm.contains("KERNEL==\"kvm\"") && kvm.contains("udevadm trigger"),
+        "the KVM job must open /dev/kvm with a udev rule"
+    );
+    let nokvm = runs(&jobs["linux-nokvm"]).join("\n");
+    assert!(
+        nokvm.contains("rm -f /dev/kvm"),
+        "the no-KVM job must hide KVM"
+    );
+}

@@ -150,3 +150,102 @@ mod tests {
         assert!(html.contains(&format!("#{r:02x}{g:02x}{b:02x}")));
     }
 }
+
+#[cfg(test)]
+mod browser {
+    //! Renders the report in a real headless Chromium and checks the screenshot.
+
+    use std::collections::HashSet;
+    use std::process::Command;
+    use std::time::Duration;
+
+    use super::PASS_RGB;
+    use crate::report::fixture;
+    use crate::util::run_bounded;
+
+    fn find_chromium() -> Option<String> {
+        [
+            "chromium",
+            "chromium-browser",
+            "google-chrome",
+            "google-chrome-stable",
+        ]
+        .into_iter()
+        .find(|b| {
+            run_bounded(Command::new(b).arg("--version"), Duration::from_secs(30)).code == Some(0)
+        })
+        .map(String::from)
+    }
+
+    #[test]
+    fn html_report_renders_in_headless_chromium() {
+        let Some(chromium) = find_chromium() else {
+            eprintln!("SKIPPED: no chromium on PATH (tried chromium, chromium-browser, google-chrome); CI installs it");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let html = dir.path().join("report.html");
+        std::fs::write(&html, fixture::report().to_html()).unwrap();
+        let png_path = dir.path().join("shot.png");
+        let profile = dir.path().join("profile");
+        let ran = run_bounded(
+            Command::new(&chromium)
+                .args([
+                    "--headless",
+                    "--no-sandbox",
+                    "--disable-gpu",
+                    "--disable-quic",
+                    "--no-first-run",
+                    "--disable-background-networking",
+                    "--disable-component-update",
+                    "--disable-sync",
+                    "--hide-scrollbars",
+                    "--window-size=1280,900",
+                ])
+                .arg(format!("--user-data-dir={}", profile.display()))
+                .arg(format!("--screenshot={}", png_path.display()))
+                .arg(format!("file://{}", html.display())),
+            Duration::from_secs(90),
+        );
+        assert!(
+            png_path.exists(),
+            "{chromium} wrote no screenshot (exit {:?}, {:?}):\n{}",
+            ran.code,
+            ran.error,
+            ran.output
+        );
+
+        let file = std::io::BufReader::new(std::fs::File::open(&png_path).unwrap());
+        let mut reader = png::Decoder::new(file).read_info().expect("a PNG");
+        let mut buf = vec![0; reader.output_buffer_size().expect("sized frame")];
+        let info = reader.next_frame(&mut buf).expect("a decodable frame");
+        assert_eq!((info.width, info.height), (1280, 900));
+        let channels = match info.color_type {
+            png::ColorType::Rgb => 3,
+            png::ColorType::Rgba => 4,
+            other => panic!("unexpected colour type {other:?}"),
+        };
+        assert_eq!(info.bit_depth, png::BitDepth::Eight);
+        let pixels: Vec<(u8, u8, u8)> = buf[..info.buffer_size()]
+            .chunks_exact(channels)
+            .map(|p| (p[0], p[1], p[2]))
+            .collect();
+        let distinct: HashSet<_> = pixels.iter().collect();
+        assert!(
+            distinct.len() >= 20,
+            "a blank page: only {} distinct colours",
+            distinct.len()
+        );
+        let near = |a: (u8, u8, u8), b: (u8, u8, u8)| {
+            a.0.abs_diff(b.0) <= 6 && a.1.abs_diff(b.1) <= 6 && a.2.abs_diff(b.2) <= 6
+        };
+        let green = pixels.iter().filter(|p| near(**p, PASS_RGB)).count();
+        let red = pixels
+            .iter()
+            .filter(|p| near(**p, (0xcf, 0x22, 0x2e)))
+            .count();
+        // Two pass cells of at least ~80×20 px each.
+        assert!(green > 2 * 1000, "pass-green pixels: {green}");
+        assert!(red > 1000, "fail-red pixels: {red}");
+    }
+}
