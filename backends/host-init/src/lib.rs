@@ -55,7 +55,11 @@ pub enum Status {
     Exited(i32),
     Signaled(i32),
     /// Setup failed: which step (`program`, `cwd`, `setup`), the errno, a message.
-    Failed { step: String, errno: i32, message: String },
+    Failed {
+        step: String,
+        errno: i32,
+        message: String,
+    },
 }
 
 impl Status {

@@ -194,13 +194,7 @@ fn mount(
 
 fn bind(src: &Path, target: &Path, readonly: bool) -> Result<(), Failure> {
     let s = src.to_string_lossy();
-    mount(
-        Some(&s),
-        target,
-        None,
-        libc::MS_BIND | libc::MS_REC,
-        None,
-    )?;
+    mount(Some(&s), target, None, libc::MS_BIND | libc::MS_REC, None)?;
     if readonly {
         mount(
             None,
@@ -219,7 +213,9 @@ fn ensure_mount_point(source: &Path, target: &Path) -> Result<(), Failure> {
     if target.exists() {
         return Ok(());
     }
-    let is_dir = std::fs::metadata(source).map(|m| m.is_dir()).unwrap_or(true);
+    let is_dir = std::fs::metadata(source)
+        .map(|m| m.is_dir())
+        .unwrap_or(true);
     let res = if is_dir {
         std::fs::create_dir_all(target)
     } else {
@@ -252,13 +248,7 @@ fn build_root(cfg: &Config) -> Result<(), Failure> {
     )?;
     bind(Path::new(&cfg.rootfs), root, true)?;
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
-    mount(
-        Some("proc"),
-        &root.join("proc"),
-        Some("proc"),
-        nodev,
-        None,
-    )?;
+    mount(Some("proc"), &root.join("proc"), Some("proc"), nodev, None)?;
     let dev = root.join("dev");
     mount(
         Some("tmpfs"),
@@ -353,7 +343,11 @@ fn loopback_up() -> Result<(), Failure> {
             ifr.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short;
             libc::ioctl(s, libc::SIOCSIFFLAGS, &ifr) == 0
         };
-        let err = if ok { None } else { Some(fail("setup", "bring lo up")) };
+        let err = if ok {
+            None
+        } else {
+            Some(fail("setup", "bring lo up"))
+        };
         libc::close(s);
         err.map_or(Ok(()), Err)
     }

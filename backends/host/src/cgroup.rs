@@ -90,16 +90,19 @@ impl HostLayout {
         let mut missing = Vec::new();
         for c in CONTROLLERS {
             // Freezing is part of the v2 core (cgroup.freeze), not a controller to enable.
-            let in_unified = self.unified_mounted
-                && (self.unified_controllers.contains(c) || c == "freezer");
+            let in_unified =
+                self.unified_mounted && (self.unified_controllers.contains(c) || c == "freezer");
             let choice = if self.pure_v2 {
                 in_unified.then_some(Version::V2)
             } else if self.v1.contains(c) {
                 Some(Version::V1)
-            } else if in_unified && (c != "freezer" || self.unified_controllers.iter().any(|u| {
-                // On a hybrid host, only freeze through v2 when we use the unified tree anyway.
-                CONTROLLERS.contains(&u.as_str())
-            })) {
+            } else if in_unified
+                && (c != "freezer"
+                    || self.unified_controllers.iter().any(|u| {
+                        // On a hybrid host, only freeze through v2 when we use the unified tree anyway.
+                        CONTROLLERS.contains(&u.as_str())
+                    }))
+            {
                 Some(Version::V2)
             } else {
                 None
@@ -240,7 +243,9 @@ pub fn limit_writes(
                     w.push(("memory.swap.max", "0".into()));
                 }
             }
-            (_, "pids") => w.push(("pids.max", pids.to_string())),
+            // One more than declared: the init outside the cell (the backend's supervisor of
+            // pid 1) sits in the cgroup too, and is not the cell's to count.
+            (_, "pids") => w.push(("pids.max", pids.saturating_add(1).to_string())),
             (Version::V1, "cpu") => {
                 if let Some(c) = cpu {
                     // Period first: the kernel checks the quota against the current period.
@@ -260,7 +265,12 @@ pub fn limit_writes(
 }
 
 fn write(path: &Path, value: &str) -> io::Result<()> {
-    fs::write(path, value).map_err(|e| io::Error::new(e.kind(), format!("write {value:?} to {}: {e}", path.display())))
+    fs::write(path, value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("write {value:?} to {}: {e}", path.display()),
+        )
+    })
 }
 
 impl CellDir {
@@ -277,7 +287,12 @@ impl CellDir {
         for part in rel.components() {
             if self.version == Version::V2 {
                 // A child only gets controllers its parent enabled in subtree_control.
-                let want: Vec<String> = self.controllers.iter().filter(|c| **c != "freezer").map(|c| format!("+{c}")).collect();
+                let want: Vec<String> = self
+                    .controllers
+                    .iter()
+                    .filter(|c| **c != "freezer")
+                    .map(|c| format!("+{c}"))
+                    .collect();
                 if !want.is_empty() {
                     let sc = cur.join("cgroup.subtree_control");
                     let have = fs::read_to_string(&sc).unwrap_or_default();
@@ -292,7 +307,12 @@ impl CellDir {
             match fs::create_dir(&cur) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists && cur != self.dir => {}
-                Err(e) => return Err(io::Error::new(e.kind(), format!("create {}: {e}", cur.display()))),
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("create {}: {e}", cur.display()),
+                    ))
+                }
             }
         }
         let has_memsw = self.dir.join("memory.memsw.limit_in_bytes").exists();
@@ -342,7 +362,10 @@ impl CellDir {
                 &self.dir.join("freezer.state"),
                 if frozen { "FROZEN" } else { "THAWED" },
             ),
-            Version::V2 => write(&self.dir.join("cgroup.freeze"), if frozen { "1" } else { "0" }),
+            Version::V2 => write(
+                &self.dir.join("cgroup.freeze"),
+                if frozen { "1" } else { "0" },
+            ),
         }
     }
 
@@ -370,7 +393,10 @@ impl CellDir {
                     std::thread::sleep(Duration::from_millis(10));
                 }
                 Err(e) => {
-                    return Err(io::Error::new(e.kind(), format!("remove {}: {e}", self.dir.display())))
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("remove {}: {e}", self.dir.display()),
+                    ))
                 }
             }
         }
@@ -446,8 +472,14 @@ mod tests {
         assert_eq!(p.unusable(), None);
         let dirs = p.cell_dirs("9-ab", "c1");
         assert_eq!(dirs.len(), 1);
-        assert_eq!(dirs[0].dir, PathBuf::from("/sys/fs/cgroup/cellcheck/9-ab/c1"));
-        assert_eq!(dirs[0].controllers, vec!["memory", "pids", "cpu", "freezer"]);
+        assert_eq!(
+            dirs[0].dir,
+            PathBuf::from("/sys/fs/cgroup/cellcheck/9-ab/c1")
+        );
+        assert_eq!(
+            dirs[0].controllers,
+            vec!["memory", "pids", "cpu", "freezer"]
+        );
     }
 
     #[test]
@@ -472,7 +504,10 @@ mod tests {
         assert!(p.describe().starts_with("mixed"), "{}", p.describe());
         let dirs = p.cell_dirs("i", "c");
         let uni = dirs.iter().find(|d| d.version == Version::V2).unwrap();
-        assert_eq!(uni.dir, PathBuf::from("/sys/fs/cgroup/unified/cellcheck/i/c"));
+        assert_eq!(
+            uni.dir,
+            PathBuf::from("/sys/fs/cgroup/unified/cellcheck/i/c")
+        );
         assert_eq!(uni.controllers, vec!["memory", "pids"]);
     }
 
@@ -487,7 +522,10 @@ mod tests {
 
     #[test]
     fn limits_map_to_each_version() {
-        let cpu = Some(CpuMax { quota: 50_000, period: 100_000 });
+        let cpu = Some(CpuMax {
+            quota: 50_000,
+            period: 100_000,
+        });
         let p1 = layout(false, Some(&[]), &["memory", "pids", "cpu", "freezer"]).plan();
         let mut all = Vec::new();
         for d in p1.cell_dirs("i", "c") {
@@ -498,7 +536,7 @@ mod tests {
             vec![
                 ("memory.limit_in_bytes", "67108864".to_string()),
                 ("memory.memsw.limit_in_bytes", "67108864".to_string()),
-                ("pids.max", "1024".to_string()),
+                ("pids.max", "1025".to_string()),
                 ("cpu.cfs_period_us", "100000".to_string()),
                 ("cpu.cfs_quota_us", "50000".to_string()),
             ]
@@ -510,7 +548,7 @@ mod tests {
             vec![
                 ("memory.max", "1000".to_string()),
                 ("memory.swap.max", "0".to_string()),
-                ("pids.max", "7".to_string()),
+                ("pids.max", "8".to_string()),
                 ("cpu.max", "50000 100000".to_string()),
             ]
         );

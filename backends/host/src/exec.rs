@@ -47,18 +47,30 @@ fn state_error(cell: &Cell) -> Option<CellError> {
 }
 
 /// Start the helper and wait until the command runs (or failed to start). Blocking.
-fn start(cell: &Cell, init: &std::path::Path, req: &ExecRequest, name: &str) -> Result<(Started, u32), CellError> {
+fn start(
+    cell: &Cell,
+    init: &std::path::Path,
+    req: &ExecRequest,
+    name: &str,
+) -> Result<(Started, u32), CellError> {
     let cfg = Config {
         argv: req.argv.clone(),
-        env: req.env.iter().map(|e| format!("{}={}", e.name, e.value)).collect(),
+        env: req
+            .env
+            .iter()
+            .map(|e| format!("{}={}", e.name, e.value))
+            .collect(),
         cwd: "/".into(),
         target_pid: cell.pid1,
         ..Config::default()
     };
-    let bytes = cfg.encode().map_err(|e| failure(format!("encode exec config: {e}")))?;
+    let bytes = cfg
+        .encode()
+        .map_err(|e| failure(format!("encode exec config: {e}")))?;
     let dir = &cell.state_dir;
     let config_name = format!("{name}.config");
-    write_secret(&dir.join(&config_name), &bytes).map_err(|e| failure(format!("write exec config: {e}")))?;
+    write_secret(&dir.join(&config_name), &bytes)
+        .map_err(|e| failure(format!("write exec config: {e}")))?;
     let stdout = open_capture(&dir.join(format!("{name}.stdout")))?;
     let stderr = open_capture(&dir.join(format!("{name}.stderr")))?;
     let mut started = spawn_init(
@@ -83,13 +95,20 @@ fn start(cell: &Cell, init: &std::path::Path, req: &ExecRequest, name: &str) -> 
     }
     if let Some(mut s) = started.sync.take() {
         if let Err(e) = s.write_all(b"g") {
-            return Err(fail_helper(&mut started, failure(format!("exec helper: {e}"))));
+            return Err(fail_helper(
+                &mut started,
+                failure(format!("exec helper: {e}")),
+            ));
         }
     }
     let deadline = Some(Instant::now() + crate::START_TIMEOUT);
     match started.status.next(deadline) {
         Ok(Some(Status::Started(pid))) => Ok((started, pid)),
-        Ok(Some(Status::Failed { step, errno, message })) => {
+        Ok(Some(Status::Failed {
+            step,
+            errno,
+            message,
+        })) => {
             let e = match step.as_str() {
                 "program" => CellError::NotFound {
                     kind: ResourceKind::Program,
@@ -105,9 +124,14 @@ fn start(cell: &Cell, init: &std::path::Path, req: &ExecRequest, name: &str) -> 
         }
         Ok(other) => Err(fail_helper(
             &mut started,
-            failure(format!("exec helper ended without starting the command: {other:?}")),
+            failure(format!(
+                "exec helper ended without starting the command: {other:?}"
+            )),
         )),
-        Err(e) => Err(fail_helper(&mut started, failure(format!("exec helper: {e}")))),
+        Err(e) => Err(fail_helper(
+            &mut started,
+            failure(format!("exec helper: {e}")),
+        )),
     }
 }
 
@@ -123,7 +147,11 @@ fn finish(mut started: Started) -> HelperEnd {
     end
 }
 
-pub(crate) async fn run(b: &HostBackend, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
+pub(crate) async fn run(
+    b: &HostBackend,
+    id: &str,
+    req: ExecRequest,
+) -> Result<ExitReport, CellError> {
     check_env(&req)?;
     let cell = b.live(id)?;
     if let Some(e) = state_error(&cell) {

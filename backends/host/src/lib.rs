@@ -62,8 +62,11 @@ use cellcheck_contract::{
 use cellcheck_host_init::{Bind, Config, Status, STATUS_FD, SYNC_FD};
 use tokio::sync::watch;
 
-pub use cgroup::{HostLayout, Plan, Version as CgroupVersion};
 use cgroup::{kill_all, CellDir};
+pub use cgroup::{HostLayout, Plan, Version as CgroupVersion};
+
+/// Where instances keep their state by default (`<base>/<pid>-<random>/<cell-id>`).
+pub const DEFAULT_STATE_BASE: &str = "/run/cellcheck/host";
 
 /// How long the init may take to start a workload before `create` gives up.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -104,7 +107,7 @@ impl HostConfig {
         HostConfig {
             init: init.into(),
             rootfs: rootfs.into(),
-            state_root: PathBuf::from("/run/cellcheck/host").join(instance_id()),
+            state_root: PathBuf::from(DEFAULT_STATE_BASE).join(instance_id()),
             extra_binds: Vec::new(),
             name: "host".into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
@@ -165,6 +168,8 @@ struct Inner {
     snapshot_reason: String,
     cells: Mutex<HashMap<String, Slot>>,
     serial: AtomicU64,
+    /// Parents of the state root this backend created (outermost first).
+    made_parents: Mutex<Vec<PathBuf>>,
 }
 
 /// The host backend. Cheap to clone; clones share their cells.
@@ -226,6 +231,7 @@ impl HostBackend {
                 cfg,
                 cells: Mutex::new(HashMap::new()),
                 serial: AtomicU64::new(0),
+                made_parents: Mutex::new(Vec::new()),
             }),
         }
     }
@@ -351,9 +357,14 @@ impl StatusReader {
                         revents: 0,
                     };
                     // SAFETY: polling one valid fd.
-                    let n = unsafe { libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+                    let n = unsafe {
+                        libc::poll(&mut pfd, 1, left.as_millis().min(i32::MAX as u128) as i32)
+                    };
                     if n == 0 {
-                        return Err(io::Error::new(io::ErrorKind::TimedOut, "init did not report in time"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "init did not report in time",
+                        ));
                     }
                     if n < 0 {
                         let e = io::Error::last_os_error();
@@ -420,8 +431,9 @@ fn remove_state_dir(dir: &Path) -> io::Result<()> {
     for e in rd.flatten() {
         let p = e.path();
         if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-            fs::remove_dir(&p)
-                .map_err(|err| io::Error::new(err.kind(), format!("remove {}: {err}", p.display())))?;
+            fs::remove_dir(&p).map_err(|err| {
+                io::Error::new(err.kind(), format!("remove {}: {err}", p.display()))
+            })?;
         } else {
             fs::remove_file(&p)?;
         }
@@ -447,8 +459,55 @@ impl Inner {
     }
 
     fn drop_state_root_if_empty(&self) {
-        // Only our own instance directory; the shared parents may be used by others.
         let _ = fs::remove_dir(&self.cfg.state_root);
+        // Parents go only if we made them and they are empty (another instance may use them).
+        for d in lock(&self.made_parents).iter().rev() {
+            if fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+        // The default base is ours alone: whichever instance ends last removes it.
+        if self.cfg.state_root.parent() == Some(Path::new(DEFAULT_STATE_BASE))
+            && fs::remove_dir(DEFAULT_STATE_BASE).is_ok()
+        {
+            let _ = fs::remove_dir(
+                Path::new(DEFAULT_STATE_BASE)
+                    .parent()
+                    .unwrap_or(Path::new("/")),
+            );
+        }
+    }
+
+    /// Create the state root (mode 0700), remembering which missing parents we made.
+    fn make_state_root(&self) -> io::Result<()> {
+        let mut made = lock(&self.made_parents);
+        let mut missing = Vec::new();
+        let mut p = self.cfg.state_root.parent();
+        while let Some(d) = p {
+            if d.exists() {
+                break;
+            }
+            missing.push(d.to_path_buf());
+            p = d.parent();
+        }
+        // Another instance may remove a shared parent it made between our steps: try again.
+        let mut tries = 0;
+        loop {
+            match fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&self.cfg.state_root)
+            {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                r => break r?,
+            }
+        }
+        for d in missing.into_iter().rev() {
+            if !made.contains(&d) {
+                made.push(d);
+            }
+        }
+        Ok(())
     }
 
     /// Start a cell. Blocking; on error everything made so far is gone again.
@@ -481,7 +540,10 @@ impl Inner {
             }
             Err(e) => {
                 made.cleanup();
-                if lock(&self.cells).values().all(|s| matches!(s, Slot::Creating)) {
+                if lock(&self.cells)
+                    .values()
+                    .all(|s| matches!(s, Slot::Creating))
+                {
                     self.drop_state_root_if_empty();
                 }
                 Err(e)
@@ -497,10 +559,7 @@ impl Inner {
         dirs: &[CellDir],
         made: &mut Partial,
     ) -> Result<(u32, Option<u32>, std::thread::JoinHandle<()>, Arc<Shared>), CellError> {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&self.cfg.state_root)
+        self.make_state_root()
             .map_err(|e| failure(format!("create {}: {e}", self.cfg.state_root.display())))?;
         fs::DirBuilder::new()
             .mode(0o700)
@@ -508,7 +567,8 @@ impl Inner {
             .map_err(|e| failure(format!("create {}: {e}", state_dir.display())))?;
         made.state_dir = Some(state_dir.to_path_buf());
         let newroot = state_dir.join("root");
-        fs::create_dir(&newroot).map_err(|e| failure(format!("create {}: {e}", newroot.display())))?;
+        fs::create_dir(&newroot)
+            .map_err(|e| failure(format!("create {}: {e}", newroot.display())))?;
         let config = Config {
             argv: cell.argv().to_vec(),
             env: cell.env_pairs(),
@@ -583,7 +643,14 @@ impl Inner {
                     message,
                 }) => {
                     return Err(match step.as_str() {
-                        "program" if [libc::ENOENT, libc::EACCES, libc::ENOTDIR, libc::ENOEXEC, libc::ELOOP]
+                        "program"
+                            if [
+                                libc::ENOENT,
+                                libc::EACCES,
+                                libc::ENOTDIR,
+                                libc::ENOEXEC,
+                                libc::ELOOP,
+                            ]
                             .contains(&errno) =>
                         {
                             CellError::NotFound {
@@ -603,7 +670,10 @@ impl Inner {
                     let mut err = String::new();
                     let _ = fs::File::open(state_dir.join("stderr"))
                         .and_then(|mut f| f.read_to_string(&mut err));
-                    return Err(failure(format!("init ended before starting the workload: {}", err.trim())));
+                    return Err(failure(format!(
+                        "init ended before starting the workload: {}",
+                        err.trim()
+                    )));
                 }
             }
         }
@@ -811,12 +881,18 @@ impl Backend for HostBackend {
             .filter(|ns| !Path::new("/proc/self/ns").join(ns).exists())
             .collect();
         if !missing_ns.is_empty() {
-            return un(format!("kernel lacks namespaces: {}", missing_ns.join(", ")));
+            return un(format!(
+                "kernel lacks namespaces: {}",
+                missing_ns.join(", ")
+            ));
         }
         if let Some(why) = self.inner.plan.unusable() {
             return un(why);
         }
-        for (what, p) in [("init", &self.inner.cfg.init), ("rootfs", &self.inner.cfg.rootfs)] {
+        for (what, p) in [
+            ("init", &self.inner.cfg.init),
+            ("rootfs", &self.inner.cfg.rootfs),
+        ] {
             if !p.exists() {
                 return un(format!("{what} not found at {}", p.display()));
             }
@@ -840,7 +916,10 @@ impl Backend for HostBackend {
                     self.inner.plan.describe()
                 ),
             },
-            Ok(r) => un(format!("/bin/true in a cell ended with {:?}", r.termination)),
+            Ok(r) => un(format!(
+                "/bin/true in a cell ended with {:?}",
+                r.termination
+            )),
             Err(e) => un(format!("trivial cell failed: {e}")),
         }
     }
@@ -929,9 +1008,10 @@ impl Backend for HostBackend {
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
         let inner = self.inner.clone();
         let id2 = id.to_string();
-        let (killed_running, remaining) = tokio::task::spawn_blocking(move || inner.destroy(&id2, None))
-            .await
-            .unwrap_or_else(|e| Err(failure(format!("destroy task: {e}"))))?;
+        let (killed_running, remaining) =
+            tokio::task::spawn_blocking(move || inner.destroy(&id2, None))
+                .await
+                .unwrap_or_else(|e| Err(failure(format!("destroy task: {e}"))))?;
         Ok(TeardownReport {
             id: id.to_string(),
             killed_running,
@@ -983,7 +1063,8 @@ fn freeze(cell: &Cell, frozen: bool) -> Result<(), CellError> {
     }
     let dirs: Vec<&CellDir> = cell.dirs.iter().filter(|d| d.has("freezer")).collect();
     for d in &dirs {
-        d.freeze(frozen).map_err(|e| failure(format!("{op}: {e}")))?;
+        d.freeze(frozen)
+            .map_err(|e| failure(format!("{op}: {e}")))?;
     }
     if frozen {
         // The write only starts the freeze; it is done when the state says so.

@@ -181,7 +181,11 @@ async fn env_is_exactly_the_declared_set() {
     // No host process has the secret on its command line.
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(c) = std::fs::read(e.path().join("cmdline")) {
-            assert!(!c.windows(6).any(|w| w == b"s3cr3t"), "secret in argv of {:?}", e.path());
+            assert!(
+                !c.windows(6).any(|w| w == b"s3cr3t"),
+                "secret in argv of {:?}",
+                e.path()
+            );
         }
     }
     // The config file that carried it is gone.
@@ -224,8 +228,15 @@ async fn fds_are_exactly_stdio_even_when_the_caller_leaks() {
     assert_eq!(fds, ["0", "1", "2"].map(String::from).into());
     let state = b.state_dir(&id);
     let out = std::fs::read_link(format!("/proc/{pid}/fd/1")).unwrap();
-    assert_eq!(out, state.join("stdout"), "stdout is the backend's capture file");
-    assert_eq!(std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(), Path::new("/dev/null"));
+    assert_eq!(
+        out,
+        state.join("stdout"),
+        "stdout is the backend's capture file"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap(),
+        Path::new("/dev/null")
+    );
     finish(&b, &id).await;
 
     let d = probe(&["fds"]);
@@ -242,10 +253,7 @@ async fn fds_are_exactly_stdio_even_when_the_caller_leaks() {
 #[tokio::test]
 async fn hostname_network_and_pid_views_are_the_cells() {
     let Some(b) = backend() else { return };
-    for (args, want) in [
-        (&["hostname"][..], "ID\n"),
-        (&["netifs"][..], "lo\n"),
-    ] {
+    for (args, want) in [(&["hostname"][..], "ID\n"), (&["netifs"][..], "lo\n")] {
         let d = probe(args);
         let id = d.spec.id.clone();
         b.create(&d).await.unwrap();
@@ -265,7 +273,8 @@ async fn hostname_network_and_pid_views_are_the_cells() {
     let id = d.spec.id.clone();
     b.create(&d).await.unwrap();
     let out = b.wait(&id).await.unwrap().stdout_str();
-    let flags = u32::from_str_radix(out.lines().nth(1).unwrap().trim_start_matches("0x"), 16).unwrap();
+    let flags =
+        u32::from_str_radix(out.lines().nth(1).unwrap().trim_start_matches("0x"), 16).unwrap();
     assert_eq!(flags & 1, 1, "lo is up: {out}");
     finish(&b, &id).await;
 }
@@ -280,7 +289,12 @@ async fn memory_limit_ends_in_out_of_memory() {
     let id = d.spec.id.clone();
     b.create(&d).await.unwrap();
     let r = b.wait(&id).await.unwrap();
-    assert_eq!(r.termination, Termination::OutOfMemory, "{}", r.stdout_str());
+    assert_eq!(
+        r.termination,
+        Termination::OutOfMemory,
+        "{}",
+        r.stdout_str()
+    );
     finish(&b, &id).await;
     // Within the limit it runs to the end.
     let d = probe(&["alloc", "8"]).with_limits(Limits {
@@ -305,7 +319,7 @@ async fn pids_limit_caps_fork() {
     let id = d.spec.id.clone();
     b.create(&d).await.unwrap();
     let out = b.wait(&id).await.unwrap().stdout_str();
-    // pid 1 and the probe count too: 6 children fit under 8.
+    // The cell's pid 1 and the probe count too: 6 children fit under 8.
     assert_eq!(out, "forked=6 failed=14\n");
     finish(&b, &id).await;
 }
@@ -321,7 +335,10 @@ async fn timeout_kills_and_keeps_the_cell_listed() {
     let e = b.wait(&id).await.unwrap_err();
     assert_eq!(e, CellError::DeadlineExceeded { after_ms: 300 });
     assert!(t0.elapsed() < Duration::from_secs(5));
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "workload killed");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "workload killed"
+    );
     assert_eq!(b.list().await, vec![id.clone()]);
     assert_eq!(b.wait(&id).await.unwrap_err(), e);
     finish(&b, &id).await;
@@ -334,8 +351,14 @@ async fn timeout_is_enforced_without_a_waiter() {
     let id = d.spec.id.clone();
     let pid = b.create(&d).await.unwrap().host_pid.unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "workload killed");
-    assert!(matches!(b.wait(&id).await, Err(CellError::DeadlineExceeded { .. })));
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "workload killed"
+    );
+    assert!(matches!(
+        b.wait(&id).await,
+        Err(CellError::DeadlineExceeded { .. })
+    ));
     finish(&b, &id).await;
 }
 
@@ -348,11 +371,17 @@ async fn ttl_reaper_destroys_the_cell() {
     b.create(&d).await.unwrap();
     let t0 = Instant::now();
     while b.list().await.contains(&id) {
-        assert!(t0.elapsed() < Duration::from_secs(10), "ttl reaper did not run");
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "ttl reaper did not run"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(t0.elapsed() >= Duration::from_millis(800));
-    assert_eq!(b.destroy(&id).await.unwrap_err(), CellError::cell_not_found(&id));
+    assert_eq!(
+        b.destroy(&id).await.unwrap_err(),
+        CellError::cell_not_found(&id)
+    );
     assert_clean(&fp);
 }
 
@@ -365,7 +394,10 @@ async fn destroy_kills_daemonized_grandchildren() {
     b.create(&d).await.unwrap();
     let t0 = Instant::now();
     while processes_with(&marker).len() < 2 {
-        assert!(t0.elapsed() < Duration::from_secs(5), "daemon did not start");
+        assert!(
+            t0.elapsed() < Duration::from_secs(5),
+            "daemon did not start"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let t = b.destroy(&id).await.unwrap();
@@ -379,7 +411,11 @@ async fn destroy_kills_daemonized_grandchildren() {
     b.create(&d).await.unwrap();
     let r = b.wait(&id).await.unwrap();
     assert_eq!(r.code(), Some(0));
-    assert_eq!(processes_with(&marker), Vec::<u32>::new(), "pid 1's exit ends the cell");
+    assert_eq!(
+        processes_with(&marker),
+        Vec::<u32>::new(),
+        "pid 1's exit ends the cell"
+    );
     finish(&b, &id).await;
 }
 
@@ -403,7 +439,13 @@ async fn pause_freezes_and_resume_thaws() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(read_count(pid), a, "frozen");
     let e = b
-        .exec(&id, ExecRequest { argv: vec!["/bin/true".into()], ..Default::default() })
+        .exec(
+            &id,
+            ExecRequest {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, CellError::InvalidState { .. }), "{e:?}");
@@ -427,36 +469,63 @@ async fn exec_runs_in_the_cell_with_its_own_env() {
         argv: argv.iter().map(|s| s.to_string()).collect(),
         env: env
             .iter()
-            .map(|(n, v)| EnvVar { name: n.to_string(), value: v.to_string() })
+            .map(|(n, v)| EnvVar {
+                name: n.to_string(),
+                value: v.to_string(),
+            })
             .collect(),
         timeout_ms: None,
     };
-    let r = b.exec(&id, run(&[PROBE_PATH, "hostname"], &[])).await.unwrap();
+    let r = b
+        .exec(&id, run(&[PROBE_PATH, "hostname"], &[]))
+        .await
+        .unwrap();
     assert_eq!(r.stdout_str(), format!("{id}\n"));
-    let r = b.exec(&id, run(&[PROBE_PATH, "env"], &[("X", "1")])).await.unwrap();
+    let r = b
+        .exec(&id, run(&[PROBE_PATH, "env"], &[("X", "1")]))
+        .await
+        .unwrap();
     assert_eq!(r.stdout, b"X=1\0");
     let r = b.exec(&id, run(&[PROBE_PATH, "fds"], &[])).await.unwrap();
     assert_eq!(r.stdout_str(), "0 1 2\n");
     // Same pid namespace: the workload is there.
     let r = b.exec(&id, run(&[PROBE_PATH, "pids"], &[])).await.unwrap();
     assert!(r.stdout_str().starts_with("1 2 "), "{}", r.stdout_str());
-    let r = b.exec(&id, run(&["/bin/sh", "-c", "echo e >&2; exit 3"], &[])).await.unwrap();
+    let r = b
+        .exec(&id, run(&["/bin/sh", "-c", "echo e >&2; exit 3"], &[]))
+        .await
+        .unwrap();
     assert_eq!(r.termination, Termination::Exited { code: 3 });
     assert_eq!(r.stderr_str(), "e\n");
     let e = b.exec(&id, run(&["/nope"], &[])).await.unwrap_err();
-    assert_eq!(e, CellError::NotFound { kind: ResourceKind::Program, id: "/nope".into() });
+    assert_eq!(
+        e,
+        CellError::NotFound {
+            kind: ResourceKind::Program,
+            id: "/nope".into()
+        }
+    );
     let mut slow = run(&[PROBE_PATH, "hold"], &[]);
     slow.timeout_ms = Some(200);
     assert_eq!(
         b.exec(&id, slow).await.unwrap_err(),
         CellError::DeadlineExceeded { after_ms: 200 }
     );
-    // Only the cell's init and the workload remain.
+    // The timed-out command is gone: only the cell's init, the workload and this probe remain.
     let r = b.exec(&id, run(&[PROBE_PATH, "pids"], &[])).await.unwrap();
-    assert_eq!(r.stdout_str().lines().next(), Some("1 2 4"), "{}", r.stdout_str());
+    let out = r.stdout_str();
+    let me = out.lines().nth(1).unwrap().trim_start_matches("self=");
+    assert_eq!(
+        out.lines().next(),
+        Some(format!("1 2 {me}").as_str()),
+        "{out}"
+    );
     assert!(matches!(
         b.exec("nope", run(&["/bin/true"], &[])).await,
-        Err(CellError::NotFound { kind: ResourceKind::Cell, .. })
+        Err(CellError::NotFound {
+            kind: ResourceKind::Cell,
+            ..
+        })
     ));
     finish(&b, &id).await;
 }
@@ -469,7 +538,13 @@ async fn exec_after_the_workload_ended_is_invalid_state() {
     b.create(&d).await.unwrap();
     b.wait(&id).await.unwrap();
     let e = b
-        .exec(&id, ExecRequest { argv: vec!["/bin/true".into()], ..Default::default() })
+        .exec(
+            &id,
+            ExecRequest {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            },
+        )
         .await
         .unwrap_err();
     assert!(matches!(e, CellError::InvalidState { .. }), "{e:?}");
@@ -487,12 +562,18 @@ async fn ids_duplicate_twice_and_reuse() {
     );
     let t = b.destroy("same").await.unwrap();
     assert!(t.killed_running);
-    assert_eq!(b.destroy("same").await.unwrap_err(), CellError::cell_not_found("same"));
+    assert_eq!(
+        b.destroy("same").await.unwrap_err(),
+        CellError::cell_not_found("same")
+    );
     assert_clean(&b.footprint("same"));
     b.create(&d).await.unwrap();
     let other = probe_id("other", &["hold"]);
     b.create(&other).await.unwrap();
-    assert_eq!(b.list().await, vec!["other".to_string(), "same".to_string()]);
+    assert_eq!(
+        b.list().await,
+        vec!["other".to_string(), "same".to_string()]
+    );
     assert_eq!(b.destroy("same").await.unwrap().remaining_cells, 1);
     finish(&b, "other").await;
 }
@@ -553,7 +634,9 @@ async fn capabilities_preflight_and_attributes() {
     assert!(!b.config().state_root.exists());
     assert_eq!(
         b.snapshot("x").await.unwrap_err(),
-        CellError::Unsupported { capability: Capability::Snapshot }
+        CellError::Unsupported {
+            capability: Capability::Snapshot
+        }
     );
 }
 
