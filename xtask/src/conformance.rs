@@ -381,7 +381,14 @@ pub fn run(args: &[String]) -> Result<bool> {
         }
     }
     let env = suite_env(&chosen, &class, opts.strict);
-    let total = to_run * opts.repeat as usize;
+    // The suite records ignored trials when nextest lists them, so they count towards progress.
+    let per_round = listed
+        .iter()
+        .filter(|l| l.selected || (l.ignored && !unusable.contains_key(backend_of(&l.name))))
+        .count();
+    let total = per_round * opts.repeat as usize;
+    let mut runs: Vec<TrialResult> = Vec::new();
+    let mut lines_seen = 0;
     let mut nextest_ok = true;
     if to_run > 0 {
         for round in 1..=opts.repeat {
@@ -403,7 +410,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                 .stdin(std::process::Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log);
-            let done_before = results::read_file(&results_path)?.len();
+            let done_before = (round as usize - 1) * per_round;
             let progress = Progress::start(
                 results_path.clone(),
                 file_len(&results_path),
@@ -413,11 +420,13 @@ pub fn run(args: &[String]) -> Result<bool> {
             let status = c.status().context("run `cargo nextest run`");
             progress.finish();
             nextest_ok &= status?.success();
+            let all = results::read_file(&results_path)?;
+            runs.extend(results::last_per_id(all[lines_seen..].to_vec()));
+            lines_seen = all.len();
         }
     }
 
-    let raw = results::read_file(&results_path)?;
-    let folded = results::fold(raw);
+    let folded = results::fold(runs);
     let first_shard = !matches!(opts.partition, Some((k, _)) if k != 1);
     let results = complete(folded, &listed, &unusable, first_shard);
 
@@ -474,6 +483,10 @@ pub fn run(args: &[String]) -> Result<bool> {
         }
     }
     Ok(false)
+}
+
+fn backend_of(id: &str) -> &str {
+    id.split("::").next().unwrap_or_default()
 }
 
 fn first_line(s: &str) -> &str {

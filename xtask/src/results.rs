@@ -92,6 +92,23 @@ pub fn read_file(path: &Path) -> Result<Vec<TrialResult>> {
     }
 }
 
+/// Within one run a trial may be recorded twice (listed as skipped, then forced to run): the
+/// last line counts, as the suite documents.
+pub fn last_per_id(lines: Vec<TrialResult>) -> Vec<TrialResult> {
+    let mut out: Vec<TrialResult> = Vec::with_capacity(lines.len());
+    let mut index: BTreeMap<String, usize> = BTreeMap::new();
+    for r in lines {
+        match index.get(&r.id) {
+            Some(&i) => out[i] = r,
+            None => {
+                index.insert(r.id.clone(), out.len());
+                out.push(r);
+            }
+        }
+    }
+    out
+}
+
 /// Folds the results of `repeat` runs into one result per trial, ordered by backend, family,
 /// scenario. Runs that disagree make the trial `flaky`, with each outcome counted in the reason.
 pub fn fold(runs: Vec<TrialResult>) -> Vec<TrialResult> {
@@ -220,6 +237,17 @@ mod tests {
     fn torn_line_is_an_error_naming_the_line() {
         let err = parse_lines("{\"id\":\"x\"", Path::new("r.jsonl")).unwrap_err();
         assert!(format!("{err:#}").contains("r.jsonl:1"), "{err:#}");
+    }
+
+    #[test]
+    fn within_a_run_the_last_line_of_a_trial_counts() {
+        let r = last_per_id(vec![
+            sample("host::a::b", Outcome::Skip, "listed", 0),
+            sample("host::a::c", Outcome::Pass, "", 1),
+            sample("host::a::b", Outcome::Fail, "forced", 2),
+        ]);
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].id.as_str(), r[0].outcome), ("host::a::b", Outcome::Fail));
     }
 
     #[test]
