@@ -16,6 +16,10 @@ use serde_json::Value;
 /// The protocol version this crate speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// The protocol's JSON Schema (draft 2020-12): every message, and each op's result under
+/// `$defs/<op>_result`.
+pub const SCHEMA: &str = include_str!("../schema/protocol.schema.json");
+
 /// Longest line either side accepts; a longer one is a protocol violation.
 pub const MAX_LINE_BYTES: usize = 16 << 20;
 

@@ -15,8 +15,7 @@ pub fn fixtures() -> cellcheck_fixtures::Fixtures {
 }
 
 pub fn python_driver() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../../fixtures/python-driver/cellcheck_runc_driver.py")
+    cellcheck_fixtures::workspace_root().join("fixtures/python-driver/cellcheck_runc_driver.py")
 }
 
 /// Why runc cannot be used here, if it cannot.
@@ -63,11 +62,7 @@ struct TapState {
 }
 
 pub fn schema() -> Value {
-    let text = std::fs::read_to_string(
-        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("schema/protocol.schema.json"),
-    )
-    .expect("read schema");
-    serde_json::from_str(&text).expect("schema is JSON")
+    serde_json::from_str(cellcheck_remote::protocol::SCHEMA).expect("schema is JSON")
 }
 
 impl SchemaTap {
