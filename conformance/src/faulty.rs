@@ -41,6 +41,7 @@ pub struct FaultyBackend {
     name: String,
     leaked: Mutex<Vec<Child>>,
     destroyed: Mutex<BTreeSet<String>>,
+    created: Mutex<Vec<String>>,
 }
 
 impl FaultyBackend {
@@ -52,6 +53,7 @@ impl FaultyBackend {
             name,
             leaked: Mutex::new(Vec::new()),
             destroyed: Mutex::new(BTreeSet::new()),
+            created: Mutex::new(Vec::new()),
         }
     }
 
@@ -103,25 +105,9 @@ impl FaultyBackend {
         done
     }
 
-    /// Every cgroup dir and state file the faults may have left, for any id (matched by prefix).
-    pub fn cleanup_all(&self) -> Vec<String> {
-        let mut ids = Vec::new();
-        for dir in [
-            Self::cgroup_dir("x").parent().map(PathBuf::from),
-            Some(std::env::temp_dir()),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if let Ok(rd) = std::fs::read_dir(dir) {
-                for e in rd.flatten() {
-                    let n = e.file_name().to_string_lossy().into_owned();
-                    if let Some(rest) = n.strip_prefix("cellcheck-faulty-") {
-                        ids.push(rest.trim_end_matches(".state").to_string());
-                    }
-                }
-            }
-        }
+    /// [`FaultyBackend::cleanup`] for every id this backend created.
+    pub fn cleanup_created(&self) -> Vec<String> {
+        let ids: Vec<String> = self.created.lock().unwrap().clone();
         self.cleanup(&ids)
     }
 
@@ -174,6 +160,7 @@ impl Backend for FaultyBackend {
         let h = self.inner.create(&self.wrap(doc)).await?;
         let id = &doc.spec.id;
         self.destroyed.lock().unwrap().remove(id);
+        self.created.lock().unwrap().push(id.clone());
         match self.fault {
             Fault::LeakProcess => {
                 let marker = doc

@@ -1,1 +1,113 @@
-fn main() {}
+//! Self-tests of the suite: each injected fault must make the scenarios meant to catch it fail
+//! with a message naming the leak, while the same scenarios pass on the plain host backend.
+
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+
+use cellcheck_conformance::faulty::{Fault, FaultyBackend};
+use cellcheck_conformance::{ids, run_scenario};
+use cellcheck_contract::Backend;
+use libtest_mimic::{Arguments, Failed, Trial};
+
+fn host() -> Arc<dyn Backend> {
+    static HOST: OnceLock<Arc<dyn Backend>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let fx = cellcheck_fixtures::ensure().expect("fixtures");
+        Arc::new(cellcheck_host::HostBackend::new(
+            cellcheck_host::HostConfig::from_fixtures(&fx),
+        ))
+    })
+    .clone()
+}
+
+/// What names the leak in the failure message, computed once the fault has run.
+type Needles = fn(&FaultyBackend) -> Vec<String>;
+
+const CASES: &[(Fault, &[&str], Needles)] = &[
+    (Fault::LeakProcess, &["residue::after_exit", "lifecycle::destroy_running"], |f| {
+        f.leaked_pids().iter().map(|p| format!("pid {p}")).collect()
+    }),
+    (Fault::LeakAmbientEnv, &["isolation::no_ambient_canary", "isolation::env_inside", "isolation::environ_exact"], |_| {
+        vec![ids::canary().name.clone()]
+    }),
+    (Fault::LeakFd, &["isolation::fds_inside", "isolation::fds_host"], |_| vec!["fd 7".into()]),
+    (Fault::MisreportExit, &["exit::code_42", "exit::code_0"], |_| vec!["code".into(), "got Exited".into()]),
+    (Fault::SkipCgroupRemoval, &["lifecycle::create_wait_destroy", "residue::after_exit"], |_| {
+        vec!["cgroup dir".into(), "cellcheck-faulty-cc-".into()]
+    }),
+    (Fault::LeaveStateFile, &["residue::after_exit"], |_| {
+        vec!["path".into(), "cellcheck-faulty-cc-".into()]
+    }),
+    (Fault::PanicOnDoubleDestroy, &["lifecycle::double_destroy"], |_| vec!["panicked".into()]),
+];
+
+fn pid_alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z "))
+        .unwrap_or(false)
+}
+
+fn fault_trial(fault: Fault, scenarios: &'static [&'static str], needles: Needles) -> Trial {
+    Trial::test(format!("faults::{fault:?}"), move || {
+        let mut problems = Vec::new();
+        for sc in scenarios {
+            let faulty = Arc::new(FaultyBackend::new(host(), fault));
+            let verdict = run_scenario(faulty.clone(), sc);
+            let wanted = needles(&faulty);
+            let leaked = faulty.leaked_pids();
+            let cleaned = faulty.cleanup_created();
+            for pid in &leaked {
+                if pid_alive(*pid) {
+                    problems.push(format!("{sc}: leaked pid {pid} survived cleanup"));
+                }
+            }
+            match verdict {
+                Ok(()) => problems.push(format!("{sc}: passed despite {fault:?}")),
+                Err(msg) => {
+                    println!("--- {fault:?} caught by {sc}:\n{msg}\n");
+                    if wanted.is_empty() {
+                        problems.push(format!("{sc}: nothing to look for in the message:\n{msg}"));
+                    }
+                    for n in &wanted {
+                        if !msg.contains(n.as_str()) {
+                            problems.push(format!("{sc}: failure message lacks {n:?}:\n{msg}"));
+                        }
+                    }
+                }
+            }
+            if matches!(fault, Fault::SkipCgroupRemoval | Fault::LeaveStateFile) && cleaned.is_empty() {
+                problems.push(format!("{sc}: {fault:?} left nothing to clean up, so it never ran"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(Failed::from(problems.join("\n")))
+        }
+    })
+}
+
+fn main() -> ExitCode {
+    // Before any thread: the canary goes into this process's env.
+    ids::canary();
+    let args = Arguments::from_args();
+    let mut trials: Vec<Trial> = CASES
+        .iter()
+        .map(|(f, s, n)| fault_trial(*f, s, *n))
+        .collect();
+    let mut all: Vec<&'static str> = CASES.iter().flat_map(|(_, s, _)| s.iter().copied()).collect();
+    all.sort();
+    all.dedup();
+    trials.push(Trial::test("faults::plain_host_passes_the_same_scenarios", move || {
+        let failures: Vec<String> = all
+            .iter()
+            .filter_map(|sc| run_scenario(host(), sc).err().map(|m| format!("{sc}:\n{m}")))
+            .collect();
+        if failures.is_empty() {
+            Ok(())
+        } else {
+            Err(Failed::from(failures.join("\n")))
+        }
+    }));
+    libtest_mimic::run(&args, trials).exit_code()
+}
