@@ -390,7 +390,7 @@ impl CellDir {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => break,
                 Err(e) if Instant::now() < deadline => {
                     let _ = e;
-                    std::thread::sleep(Duration::from_millis(10));
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 Err(e) => {
                     return Err(io::Error::new(
@@ -442,7 +442,7 @@ pub fn kill_all(dirs: &[CellDir], within: Duration) -> bool {
         if Instant::now() >= deadline {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_millis(1));
     }
 }
 

@@ -10,7 +10,7 @@ use cellcheck_contract::{
     Backend, Capability, CellDocument, CellError, EnvVar, ExecRequest, Footprint, ResourceKind,
     Support, Termination, PROBE_PATH,
 };
-use cellcheck_host::{HostBackend, HostConfig};
+use cellcheck_host::{BindMount, HostBackend, HostConfig};
 
 /// The backend, or `None` (with the reason printed) where these tests cannot run.
 fn backend() -> Option<HostBackend> {
@@ -653,4 +653,80 @@ async fn missing_init_is_unavailable_with_the_path() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[tokio::test]
+async fn cpu_max_is_written_to_the_cells_cgroup() {
+    let Some(b) = backend() else { return };
+    let mut d = probe(&["hold"]);
+    d.spec.run.limits = Some(Limits {
+        cpu_max: Some(cellcheck_contract::spec::CpuMax {
+            quota: 20_000,
+            period: 100_000,
+        }),
+        ..Limits::default()
+    });
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let fp = b.footprint(&id);
+    let cpu_dir = fp
+        .cgroup_dirs
+        .iter()
+        .find(|p| p.starts_with("/sys/fs/cgroup/cpu/"));
+    let unified = fp.cgroup_dirs.iter().find(|p| p.join("cpu.max").exists());
+    match (cpu_dir, unified) {
+        (Some(dir), _) => {
+            let q = std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap();
+            let p = std::fs::read_to_string(dir.join("cpu.cfs_period_us")).unwrap();
+            assert_eq!((q.trim(), p.trim()), ("20000", "100000"));
+        }
+        (None, Some(dir)) => {
+            let m = std::fs::read_to_string(dir.join("cpu.max")).unwrap();
+            assert_eq!(m.trim(), "20000 100000");
+        }
+        (None, None) => eprintln!("no cpu controller on this host; cpuMax is not enforced"),
+    }
+    finish(&b, &id).await;
+}
+
+/// What nested cells need: the host's cgroups and the fixtures inside, and namespaces creatable.
+#[tokio::test]
+async fn extra_binds_support_nested_cells() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: the host backend needs root");
+        return;
+    }
+    let fx = cellcheck_fixtures::ensure().unwrap();
+    let mut cfg = HostConfig::from_fixtures(&fx);
+    cfg.extra_binds = vec![
+        BindMount {
+            source: "/sys/fs/cgroup".into(),
+            target: "/sys/fs/cgroup".into(),
+            readonly: false,
+        },
+        BindMount {
+            source: fx.dir.clone(),
+            target: "/run/fixtures".into(),
+            readonly: true,
+        },
+    ];
+    let b = HostBackend::new(cfg);
+    let d = sh(
+        "test -x /run/fixtures/bin/cellcheck-host-init || exit 10; \
+         test -e /sys/fs/cgroup/pids/cgroup.procs -o -e /sys/fs/cgroup/cgroup.controllers || exit 11; \
+         touch /run/fixtures/x 2>/dev/null && exit 12; \
+         /bin/busybox unshare -m -u -i -n -p -f /bin/busybox hostname inner || exit 13; \
+         hostname",
+    );
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.code(), Some(0), "{}", r.stderr_str());
+    assert_eq!(
+        r.stdout_str(),
+        format!("{id}\n"),
+        "the inner uts namespace did not leak out"
+    );
+    finish(&b, &id).await;
 }
