@@ -753,6 +753,53 @@ impl Inner {
         Ok((res?, remaining))
     }
 
+    /// The rest of `create` once the id is reserved.
+    async fn create_reserved(self: Arc<Self>, cell: AdmittedCell) -> Result<CellHandle, CellError> {
+        let id = cell.id().to_string();
+        let serial = self.serial.fetch_add(1, Ordering::Relaxed);
+        let inner = self.clone();
+        let c2 = cell.clone();
+        let res = tokio::task::spawn_blocking(move || inner.start(&c2, serial))
+            .await
+            .unwrap_or_else(|e| Err(failure(format!("create task: {e}"))));
+        let c = match res {
+            Ok(c) => Arc::new(c),
+            Err(e) => {
+                let mut cells = lock(&self.cells);
+                cells.remove(&id);
+                if cells.is_empty() {
+                    self.drop_state_root_if_empty();
+                }
+                return Err(e);
+            }
+        };
+        lock(&self.cells).insert(id.clone(), Slot::Live(c.clone()));
+        let weak: Weak<Inner> = Arc::downgrade(&self);
+        if let Some(ms) = cell.timeout_ms() {
+            let (w, cc) = (weak.clone(), c.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                if let Some(inner) = w.upgrade() {
+                    let _ = tokio::task::spawn_blocking(move || inner.expire(&cc)).await;
+                }
+            });
+        }
+        if let Some(ttl) = cell.ttl_seconds() {
+            let (w, id2) = (weak, id.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(ttl)).await;
+                if let Some(inner) = w.upgrade() {
+                    let _ = tokio::task::spawn_blocking(move || inner.destroy(&id2, Some(serial)))
+                        .await;
+                }
+            });
+        }
+        Ok(CellHandle {
+            id,
+            host_pid: c.host_pid,
+        })
+    }
+
     /// The timeout passed: kill the workload unless it already ended.
     fn expire(&self, cell: &Cell) {
         {
@@ -934,48 +981,11 @@ impl Backend for HostBackend {
             }
             cells.insert(id.clone(), Slot::Creating);
         }
-        let serial = self.inner.serial.fetch_add(1, Ordering::Relaxed);
-        let inner = self.inner.clone();
-        let c2 = cell.clone();
-        let res = tokio::task::spawn_blocking(move || inner.start(&c2, serial))
+        // A task of its own: a caller that gives up on the future must not strand a started
+        // cell in the `Creating` state, nor leave it without its timers.
+        tokio::spawn(Inner::create_reserved(self.inner.clone(), cell))
             .await
-            .unwrap_or_else(|e| Err(failure(format!("create task: {e}"))));
-        let c = match res {
-            Ok(c) => Arc::new(c),
-            Err(e) => {
-                let mut cells = lock(&self.inner.cells);
-                cells.remove(&id);
-                if cells.is_empty() {
-                    self.inner.drop_state_root_if_empty();
-                }
-                return Err(e);
-            }
-        };
-        lock(&self.inner.cells).insert(id.clone(), Slot::Live(c.clone()));
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        if let Some(ms) = cell.timeout_ms() {
-            let (w, cc) = (weak.clone(), c.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(ms)).await;
-                if let Some(inner) = w.upgrade() {
-                    let _ = tokio::task::spawn_blocking(move || inner.expire(&cc)).await;
-                }
-            });
-        }
-        if let Some(ttl) = cell.ttl_seconds() {
-            let (w, id2) = (weak, id.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_secs(ttl)).await;
-                if let Some(inner) = w.upgrade() {
-                    let _ = tokio::task::spawn_blocking(move || inner.destroy(&id2, Some(serial)))
-                        .await;
-                }
-            });
-        }
-        Ok(CellHandle {
-            id,
-            host_pid: c.host_pid,
-        })
+            .unwrap_or_else(|e| Err(failure(format!("create task: {e}"))))
     }
 
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {

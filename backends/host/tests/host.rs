@@ -730,3 +730,25 @@ async fn extra_binds_support_nested_cells() {
     );
     finish(&b, &id).await;
 }
+
+#[tokio::test]
+async fn an_abandoned_create_still_ends_in_a_live_cell_that_destroy_removes() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["hold"]);
+    let id = d.spec.id.clone();
+    let r = tokio::time::timeout(Duration::from_micros(1), b.create(&d)).await;
+    if r.is_err() {
+        let t0 = Instant::now();
+        while !b.list().await.contains(&id) {
+            assert!(t0.elapsed() < Duration::from_secs(10), "create never finished");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    assert_eq!(
+        b.create(&d).await.unwrap_err(),
+        CellError::AlreadyExists { id: id.clone() }
+    );
+    let t = b.destroy(&id).await.unwrap();
+    assert!(t.killed_running);
+    assert_clean(&b.footprint(&id));
+}
