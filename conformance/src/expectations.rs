@@ -119,7 +119,12 @@ impl Expectations {
             })
     }
 
-    pub fn lookup(&self, backend: &str, class: &str, family_scenario: &str) -> Option<&Expectation> {
+    pub fn lookup(
+        &self,
+        backend: &str,
+        class: &str,
+        family_scenario: &str,
+    ) -> Option<&Expectation> {
         self.entries
             .iter()
             .find(|e| e.matches(backend, class, family_scenario))
@@ -178,7 +183,12 @@ pub fn glob_match(pattern: &str, text: &str) -> bool {
 pub fn parse_date(s: &str) -> Result<Date, String> {
     let b = s.as_bytes();
     let digits = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_digit);
-    if b.len() != 10 || b[4] != b'-' || b[7] != b'-' || !digits(0..4) || !digits(5..7) || !digits(8..10)
+    if b.len() != 10
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !digits(0..4)
+        || !digits(5..7)
+        || !digits(8..10)
     {
         return Err(format!("{s:?} is not YYYY-MM-DD"));
     }
@@ -270,8 +280,12 @@ expires = "2024-02-29"
             .unwrap();
         assert_eq!(k.outcome, ExpectedOutcome::KnownFailure);
         assert_eq!(k.describe(), "runsc adds HOME https://example.org/1");
-        assert!(e.lookup("runc", "linux-nokvm", "isolation::env_inside").is_none());
-        assert!(e.lookup("runsc", "macos", "isolation::env_inside").is_none());
+        assert!(e
+            .lookup("runc", "linux-nokvm", "isolation::env_inside")
+            .is_none());
+        assert!(e
+            .lookup("runsc", "macos", "isolation::env_inside")
+            .is_none());
         assert_eq!(
             e.lookup("runsc", "macos", "snapshot::restore_twice")
                 .unwrap()

@@ -117,7 +117,7 @@ impl FaultyBackend {
             Fault::LeakAmbientEnv => {
                 let c = canary();
                 let mut argv = vec!["/bin/env".to_string(), format!("{}={}", c.name, c.value)];
-                argv.extend(d.spec.run.argv.drain(..));
+                argv.append(&mut d.spec.run.argv);
                 d.spec.run.argv = argv;
             }
             Fault::LeakFd => {
@@ -127,7 +127,7 @@ impl FaultyBackend {
                     "exec 7</dev/null; exec \"$@\"".to_string(),
                     "sh".to_string(),
                 ];
-                argv.extend(d.spec.run.argv.drain(..));
+                argv.append(&mut d.spec.run.argv);
                 d.spec.run.argv = argv;
             }
             _ => {}
@@ -204,7 +204,8 @@ impl Backend for FaultyBackend {
     }
 
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
-        if self.fault == Fault::PanicOnDoubleDestroy && self.destroyed.lock().unwrap().contains(id) {
+        if self.fault == Fault::PanicOnDoubleDestroy && self.destroyed.lock().unwrap().contains(id)
+        {
             panic!("faulty backend: second destroy of {id}");
         }
         let r = self.inner.destroy(id).await;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use cellcheck_contract::{
-    Backend, Capabilities, Capability, CellDocument, CellError, CellHandle, ExecRequest, EnvVar,
+    Backend, Capabilities, Capability, CellDocument, CellError, CellHandle, EnvVar, ExecRequest,
     ExitReport, TeardownReport, PROBE_PATH,
 };
 
@@ -209,8 +209,17 @@ impl Ctx {
     pub fn new_id(&self) -> String {
         let mut st = self.st();
         st.n += 1;
-        let id = ids::cell_id(&self.inner.token, &ids::short_name(self.inner.scenario), st.n);
-        let marker = format!("ccm-{}-{:02}-{}", self.inner.token, st.n, ids::random_token(6));
+        let id = ids::cell_id(
+            &self.inner.token,
+            &ids::short_name(self.inner.scenario),
+            st.n,
+        );
+        let marker = format!(
+            "ccm-{}-{:02}-{}",
+            self.inner.token,
+            st.n,
+            ids::random_token(6)
+        );
         st.cells.push(CellRec {
             id: id.clone(),
             marker,
@@ -226,7 +235,12 @@ impl Ctx {
     pub fn register_id(&self, id: &str, check_resources: bool) -> String {
         let mut st = self.st();
         st.n += 1;
-        let marker = format!("ccm-{}-{:02}-{}", self.inner.token, st.n, ids::random_token(6));
+        let marker = format!(
+            "ccm-{}-{:02}-{}",
+            self.inner.token,
+            st.n,
+            ids::random_token(6)
+        );
         st.cells.push(CellRec {
             id: id.to_string(),
             marker: marker.clone(),
@@ -484,6 +498,7 @@ impl Ctx {
 
     /// Fail unless nothing of cell `id` remains on the host (after its destroy or failed create).
     pub async fn assert_clean(&self, id: &str) -> Result<(), Failure> {
+        self.step(format!("residue check of {id}"));
         let recs: Vec<CellRec> = self
             .st()
             .cells
@@ -492,7 +507,8 @@ impl Ctx {
             .cloned()
             .collect();
         for c in recs {
-            let leaks = residue::scan_settled(&self.scope_of(&c), &BTreeMap::new(), RESIDUE_GRACE).await;
+            let leaks =
+                residue::scan_settled(&self.scope_of(&c), &BTreeMap::new(), RESIDUE_GRACE).await;
             // Fds are checked per trial against the fds open before it; here only the rest.
             let leaks: Vec<_> = leaks
                 .into_iter()

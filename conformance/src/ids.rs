@@ -75,9 +75,7 @@ mod tests {
             let id = cell_id(&tok, &short_name("daemon_exit_with_a_very_long_name"), n);
             assert!(validate_id(&id).is_ok(), "{id}");
             assert!(id.len() <= 63, "{id}");
-            assert!(id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-'));
+            assert!(id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'));
             assert!(seen.insert(id));
         }
         let ids: Vec<_> = seen.iter().collect();

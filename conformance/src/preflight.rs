@@ -94,7 +94,10 @@ pub async fn preflight(backend: &dyn Backend, key: &str) -> (Availability, bool)
             availability: availability.clone(),
         };
         if let Err(err) = write(&path, &e) {
-            eprintln!("cellcheck: cannot cache preflight at {}: {err}", path.display());
+            eprintln!(
+                "cellcheck: cannot cache preflight at {}: {err}",
+                path.display()
+            );
         }
     }
     (availability, false)

@@ -63,11 +63,16 @@ impl fmt::Display for Leak {
                 pid,
                 cmdline,
                 marker,
-            } => write!(f, "process pid {pid} still alive (cmdline: {cmdline:?}, marker {marker:?})"),
+            } => write!(
+                f,
+                "process pid {pid} still alive (cmdline: {cmdline:?}, marker {marker:?})"
+            ),
             Leak::Zombie { pid } => write!(f, "unreaped zombie child pid {pid} of the harness"),
             Leak::CgroupDir(p) => write!(f, "cgroup dir {} still exists", p.display()),
             Leak::Path(p) => write!(f, "path {} still exists", p.display()),
-            Leak::Mount { line, marker } => write!(f, "mount still present (marker {marker:?}): {line}"),
+            Leak::Mount { line, marker } => {
+                write!(f, "mount still present (marker {marker:?}): {line}")
+            }
             Leak::Netns(n) => write!(f, "netns {n} still exists (/run/netns/{n})"),
             Leak::Fd { fd, target } => {
                 write!(f, "harness fd {fd} still open on {}", target.display())
@@ -118,7 +123,10 @@ pub struct ProcInfo {
 
 impl ProcInfo {
     pub fn cmdline_lossy(&self) -> String {
-        String::from_utf8_lossy(&self.cmdline).replace('\0', " ").trim().to_string()
+        String::from_utf8_lossy(&self.cmdline)
+            .replace('\0', " ")
+            .trim()
+            .to_string()
     }
 }
 
@@ -163,7 +171,11 @@ pub fn parse_stat(stat: &[u8]) -> Option<(char, u32)> {
 
 /// Which of `markers` (env markers matched exactly as `CELLCHECK_MARKER=<v>\0`, process markers
 /// as substrings) the process carries.
-pub fn process_marker(p: &ProcInfo, env_markers: &[String], process_markers: &[String]) -> Option<String> {
+pub fn process_marker(
+    p: &ProcInfo,
+    env_markers: &[String],
+    process_markers: &[String],
+) -> Option<String> {
     for m in env_markers {
         let exact = format!("{MARKER_VAR}={m}\0");
         if contains(&p.environ, exact.as_bytes()) || contains(&p.cmdline, m.as_bytes()) {
@@ -179,7 +191,10 @@ pub fn process_marker(p: &ProcInfo, env_markers: &[String], process_markers: &[S
 }
 
 /// Processes carrying one of the scope's markers.
-pub fn marked_processes(env_markers: &[String], process_markers: &[String]) -> Vec<(ProcInfo, String)> {
+pub fn marked_processes(
+    env_markers: &[String],
+    process_markers: &[String],
+) -> Vec<(ProcInfo, String)> {
     processes()
         .into_iter()
         .filter_map(|p| process_marker(&p, env_markers, process_markers).map(|m| (p, m)))
@@ -306,7 +321,10 @@ mod tests {
     #[test]
     fn mountinfo_fields() {
         let l = "36 35 98:0 /mnt1 /mnt/cc-abc-x-01 rw,noatime master:1 - ext3 /dev/root rw";
-        assert_eq!(parse_mountinfo_line(l), Some(("/mnt/cc-abc-x-01", "/dev/root")));
+        assert_eq!(
+            parse_mountinfo_line(l),
+            Some(("/mnt/cc-abc-x-01", "/dev/root"))
+        );
         let l2 = "36 35 0:5 / /proc rw - proc cc-abc-src rw";
         assert_eq!(parse_mountinfo_line(l2), Some(("/proc", "cc-abc-src")));
     }
@@ -320,7 +338,10 @@ mod tests {
             cmdline: b"/bin/x\0arg\0".to_vec(),
             environ: b"A=1\0CELLCHECK_MARKER=ccm-10\0".to_vec(),
         };
-        assert_eq!(process_marker(&p, &["ccm-10".into()], &[]), Some("ccm-10".into()));
+        assert_eq!(
+            process_marker(&p, &["ccm-10".into()], &[]),
+            Some("ccm-10".into())
+        );
         // `ccm-1` is a prefix of the present value, not the value.
         assert_eq!(process_marker(&p, &["ccm-1".into()], &[]), None);
         assert_eq!(process_marker(&p, &[], &["arg".into()]), Some("arg".into()));
@@ -354,10 +375,17 @@ mod tests {
         let text = describe("c", &leaks);
         assert!(leaks.contains(&Leak::Path(leftover.clone())), "{text}");
         assert!(
-            leaks.iter().any(|l| matches!(l, Leak::Process { pid, .. } if *pid == child.id())),
+            leaks
+                .iter()
+                .any(|l| matches!(l, Leak::Process { pid, .. } if *pid == child.id())),
             "{text}"
         );
-        assert!(leaks.iter().any(|l| matches!(l, Leak::Fd { target, .. } if *target == leftover)), "{text}");
+        assert!(
+            leaks
+                .iter()
+                .any(|l| matches!(l, Leak::Fd { target, .. } if *target == leftover)),
+            "{text}"
+        );
         // The checker's own probing (reading /proc) is not residue: a second scan sees the same.
         assert_eq!(scan(&scope, &before).len(), leaks.len());
 
@@ -365,7 +393,11 @@ mod tests {
         // Killed but unreaped: a zombie child of ours, found by pid.
         std::thread::sleep(std::time::Duration::from_millis(100));
         let z = scan(&scope, &before);
-        assert!(z.contains(&Leak::Zombie { pid: child.id() }), "{}", describe("c", &z));
+        assert!(
+            z.contains(&Leak::Zombie { pid: child.id() }),
+            "{}",
+            describe("c", &z)
+        );
         child.wait().unwrap();
         drop(file);
         std::fs::remove_file(&leftover).unwrap();

@@ -7,7 +7,7 @@ use cellcheck_contract::{Availability, Backend};
 use cellcheck_fixtures::Fixtures;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
-use crate::expectations::{self, ExpectedOutcome, Expectations};
+use crate::expectations::{self, Expectations, ExpectedOutcome};
 use crate::harness::{self, RunReport, Scenario};
 use crate::results::{self, Outcome, ResultLine};
 
@@ -162,34 +162,28 @@ impl Suite {
             let fx = fixtures
                 .get_or_insert_with(|| cellcheck_fixtures::ensure().map_err(|e| e.to_string()))
                 .clone();
-            let backend: Result<Arc<dyn Backend>, String> = match (factory, plain, &fx) {
-                (Factory::Plain(_), Some(b), _) => Ok(b),
-                (Factory::WithFixtures { f, .. }, _, Ok(fx)) => Ok(f(fx)),
-                (_, _, Err(e)) => Err(format!("fixture build failed: {e}")),
-                (Factory::Plain(f), None, _) => Ok(f()),
-            };
-            let backend = match (backend, &fx) {
-                (Ok(b), Err(e)) => {
-                    let _ = b;
-                    Err(format!("fixture build failed: {e}"))
-                }
-                (b, _) => b,
+            // Every backend's trials need the probe in the cell's root, so a fixture build
+            // error fails them all (with the error) rather than skipping them.
+            let backend: Result<Arc<dyn Backend>, String> = match &fx {
+                Err(e) => Err(format!("fixture build failed: {e}")),
+                Ok(fx) => Ok(match (factory, plain) {
+                    (_, Some(b)) => b,
+                    (Factory::WithFixtures { f, .. }, None) => f(fx),
+                    (Factory::Plain(f), None) => f(),
+                }),
             };
             let availability = match &backend {
                 Ok(b) => {
                     let key = crate::preflight::fixtures_key(fx.as_ref().ok());
                     let b2 = b.clone();
-                    let (a, _cached) =
-                        runtime().block_on(async move { crate::preflight::preflight(&*b2, &key).await });
+                    let (a, _cached) = runtime()
+                        .block_on(async move { crate::preflight::preflight(&*b2, &key).await });
                     Some(a)
                 }
                 Err(_) => None,
             };
             let caps = backend.as_ref().ok().map(|b| b.capabilities());
-            let attributes = backend
-                .as_ref()
-                .map(|b| b.attributes())
-                .unwrap_or_default();
+            let attributes = backend.as_ref().map(|b| b.attributes()).unwrap_or_default();
 
             for sc in &self.scenarios {
                 let trial_name = format!("{name}::{}::{}", sc.family, sc.name);
@@ -281,7 +275,9 @@ fn make_trial(
         // Ignored trials are never started by a plain run or by nextest, so their record is
         // written now: in a run that selects them, or when listed with `--ignored`.
         let forced = args.ignored || args.include_ignored;
-        if selected_by_filter(args, &name) && ((!args.list && !forced) || (args.list && args.ignored)) {
+        if selected_by_filter(args, &name)
+            && ((!args.list && !forced) || (args.list && args.ignored))
+        {
             eprintln!("cellcheck: skip {name}: {reason}");
             results::record(&ResultLine {
                 reason: reason.clone(),
@@ -338,7 +334,11 @@ fn make_trial(
                     Ok(Completion::Completed)
                 } else {
                     record(Outcome::Fail, &r.message, ms);
-                    Err(Failed::from(format!("{}\n{}", r.message, rerun_hint(&trial_name))))
+                    Err(Failed::from(format!(
+                        "{}\n{}",
+                        r.message,
+                        rerun_hint(&trial_name)
+                    )))
                 }
             }
             Plan::Run {

@@ -24,21 +24,43 @@ fn host() -> Arc<dyn Backend> {
 type Needles = fn(&FaultyBackend) -> Vec<String>;
 
 const CASES: &[(Fault, &[&str], Needles)] = &[
-    (Fault::LeakProcess, &["residue::after_exit", "lifecycle::destroy_running"], |f| {
-        f.leaked_pids().iter().map(|p| format!("pid {p}")).collect()
-    }),
-    (Fault::LeakAmbientEnv, &["isolation::no_ambient_canary", "isolation::env_inside", "isolation::environ_exact"], |_| {
-        vec![ids::canary().name.clone()]
-    }),
-    (Fault::LeakFd, &["isolation::fds_inside", "isolation::fds_host"], |_| vec!["fd 7".into()]),
-    (Fault::MisreportExit, &["exit::code_42", "exit::code_0"], |_| vec!["code".into(), "got Exited".into()]),
-    (Fault::SkipCgroupRemoval, &["lifecycle::create_wait_destroy", "residue::after_exit"], |_| {
-        vec!["cgroup dir".into(), "cellcheck-faulty-cc-".into()]
-    }),
+    (
+        Fault::LeakProcess,
+        &["residue::after_exit", "lifecycle::destroy_running"],
+        |f| f.leaked_pids().iter().map(|p| format!("pid {p}")).collect(),
+    ),
+    (
+        Fault::LeakAmbientEnv,
+        &[
+            "isolation::no_ambient_canary",
+            "isolation::env_inside",
+            "isolation::environ_exact",
+        ],
+        |_| vec![ids::canary().name.clone()],
+    ),
+    (
+        Fault::LeakFd,
+        &["isolation::fds_inside", "isolation::fds_host"],
+        |_| vec!["fd 7".into()],
+    ),
+    (
+        Fault::MisreportExit,
+        &["exit::code_42", "exit::code_0"],
+        |_| vec!["code".into(), "got Exited".into()],
+    ),
+    (
+        Fault::SkipCgroupRemoval,
+        &["lifecycle::create_wait_destroy", "residue::after_exit"],
+        |_| vec!["cgroup dir".into(), "cellcheck-faulty-cc-".into()],
+    ),
     (Fault::LeaveStateFile, &["residue::after_exit"], |_| {
         vec!["path".into(), "cellcheck-faulty-cc-".into()]
     }),
-    (Fault::PanicOnDoubleDestroy, &["lifecycle::double_destroy"], |_| vec!["panicked".into()]),
+    (
+        Fault::PanicOnDoubleDestroy,
+        &["lifecycle::double_destroy"],
+        |_| vec!["panicked".into()],
+    ),
 ];
 
 fn pid_alive(pid: u32) -> bool {
@@ -75,8 +97,12 @@ fn fault_trial(fault: Fault, scenarios: &'static [&'static str], needles: Needle
                     }
                 }
             }
-            if matches!(fault, Fault::SkipCgroupRemoval | Fault::LeaveStateFile) && cleaned.is_empty() {
-                problems.push(format!("{sc}: {fault:?} left nothing to clean up, so it never ran"));
+            if matches!(fault, Fault::SkipCgroupRemoval | Fault::LeaveStateFile)
+                && cleaned.is_empty()
+            {
+                problems.push(format!(
+                    "{sc}: {fault:?} left nothing to clean up, so it never ran"
+                ));
             }
         }
         if problems.is_empty() {
@@ -95,19 +121,29 @@ fn main() -> ExitCode {
         .iter()
         .map(|(f, s, n)| fault_trial(*f, s, *n))
         .collect();
-    let mut all: Vec<&'static str> = CASES.iter().flat_map(|(_, s, _)| s.iter().copied()).collect();
+    let mut all: Vec<&'static str> = CASES
+        .iter()
+        .flat_map(|(_, s, _)| s.iter().copied())
+        .collect();
     all.sort();
     all.dedup();
-    trials.push(Trial::test("faults::plain_host_passes_the_same_scenarios", move || {
-        let failures: Vec<String> = all
-            .iter()
-            .filter_map(|sc| run_scenario(host(), sc).err().map(|m| format!("{sc}:\n{m}")))
-            .collect();
-        if failures.is_empty() {
-            Ok(())
-        } else {
-            Err(Failed::from(failures.join("\n")))
-        }
-    }));
+    trials.push(Trial::test(
+        "faults::plain_host_passes_the_same_scenarios",
+        move || {
+            let failures: Vec<String> = all
+                .iter()
+                .filter_map(|sc| {
+                    run_scenario(host(), sc)
+                        .err()
+                        .map(|m| format!("{sc}:\n{m}"))
+                })
+                .collect();
+            if failures.is_empty() {
+                Ok(())
+            } else {
+                Err(Failed::from(failures.join("\n")))
+            }
+        },
+    ));
     libtest_mimic::run(&args, trials).exit_code()
 }

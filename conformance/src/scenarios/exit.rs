@@ -63,7 +63,11 @@ async fn missing_program(ctx: Ctx) -> Result<(), Failure> {
         other => return Err(ctx.fail(format!("expected NotFound(program), got {other:?}"))),
     }
     ctx.step("nothing left behind");
-    check!(ctx, !ctx.backend().list().await.contains(&id), "the failed cell is listed");
+    check!(
+        ctx,
+        !ctx.backend().list().await.contains(&id),
+        "the failed cell is listed"
+    );
     ctx.assert_clean(&id).await
 }
 
@@ -76,10 +80,22 @@ async fn timeout(ctx: Ctx) -> Result<(), Failure> {
     let start = Instant::now();
     let r = ctx.try_wait(&id).await;
     let took = start.elapsed();
-    check!(ctx, matches!(r, Err(CellError::DeadlineExceeded { .. })), "expected DeadlineExceeded, got {r:?}");
-    check!(ctx, took < Duration::from_secs(20), "the deadline of 1 s took {took:?} to fire");
+    check!(
+        ctx,
+        matches!(r, Err(CellError::DeadlineExceeded { .. })),
+        "expected DeadlineExceeded, got {r:?}"
+    );
+    check!(
+        ctx,
+        took < Duration::from_secs(20),
+        "the deadline of 1 s took {took:?} to fire"
+    );
     ctx.step("the cell stays listed until destroyed");
-    check!(ctx, ctx.backend().list().await.contains(&id), "the timed-out cell is no longer listed");
+    check!(
+        ctx,
+        ctx.backend().list().await.contains(&id),
+        "the timed-out cell is no longer listed"
+    );
     ctx.destroy(&id).await?;
     ctx.assert_clean(&id).await
 }
@@ -87,19 +103,53 @@ async fn timeout(ctx: Ctx) -> Result<(), Failure> {
 async fn large_stdout(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run `out 1000000`");
     let r = ctx.run_and_destroy(&["out", "1000000"]).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 0 }, "exit: {:?}", r.termination);
-    check!(ctx, r.stdout.len() == 1_000_000, "captured {} stdout bytes, expected 1000000", r.stdout.len());
-    check!(ctx, r.stdout == pattern(1_000_000), "stdout bytes differ from the expected pattern");
-    check!(ctx, r.stderr.is_empty(), "unexpected stderr: {:?}", r.stderr_str());
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 0 },
+        "exit: {:?}",
+        r.termination
+    );
+    check!(
+        ctx,
+        r.stdout.len() == 1_000_000,
+        "captured {} stdout bytes, expected 1000000",
+        r.stdout.len()
+    );
+    check!(
+        ctx,
+        r.stdout == pattern(1_000_000),
+        "stdout bytes differ from the expected pattern"
+    );
+    check!(
+        ctx,
+        r.stderr.is_empty(),
+        "unexpected stderr: {:?}",
+        r.stderr_str()
+    );
     Ok(())
 }
 
 async fn large_stderr(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run `err 1000`");
     let r = ctx.run_and_destroy(&["err", "1000"]).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 0 }, "exit: {:?}", r.termination);
-    check!(ctx, r.stderr == pattern(1000), "stderr ({} bytes) differs from the expected 1000", r.stderr.len());
-    check!(ctx, r.stdout.is_empty(), "unexpected stdout: {:?}", r.stdout_str());
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 0 },
+        "exit: {:?}",
+        r.termination
+    );
+    check!(
+        ctx,
+        r.stderr == pattern(1000),
+        "stderr ({} bytes) differs from the expected 1000",
+        r.stderr.len()
+    );
+    check!(
+        ctx,
+        r.stdout.is_empty(),
+        "unexpected stdout: {:?}",
+        r.stdout_str()
+    );
     Ok(())
 }
 
@@ -108,8 +158,17 @@ async fn wait_twice(ctx: Ctx) -> Result<(), Failure> {
     let (id, first) = ctx.run_probe(&["exit", "42"]).await?;
     ctx.step("wait again");
     let second = ctx.wait(&id).await?;
-    check!(ctx, first == second, "second wait differs: {first:?} vs {second:?}");
-    check!(ctx, first.termination == Termination::Exited { code: 42 }, "exit: {:?}", first.termination);
+    check!(
+        ctx,
+        first == second,
+        "second wait differs: {first:?} vs {second:?}"
+    );
+    check!(
+        ctx,
+        first.termination == Termination::Exited { code: 42 },
+        "exit: {:?}",
+        first.termination
+    );
     ctx.destroy(&id).await?;
     Ok(())
 }

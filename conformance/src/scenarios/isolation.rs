@@ -53,7 +53,9 @@ async fn environ_exact(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("create `hold` with a declared env");
     let doc = env_doc(&ctx, &["hold"]);
     let h = ctx.create_running(&doc).await?;
-    let pid = h.host_pid.ok_or_else(|| ctx.fail("HostPid is supported but create returned no host pid"))?;
+    let pid = h
+        .host_pid
+        .ok_or_else(|| ctx.fail("HostPid is supported but create returned no host pid"))?;
     ctx.step(format!("read /proc/{pid}/environ"));
     let got = std::fs::read(format!("/proc/{pid}/environ"))
         .map_err(|e| ctx.fail(format!("cannot read /proc/{pid}/environ: {e}")))?;
@@ -74,7 +76,12 @@ async fn env_inside(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run `env` with a declared env");
     let doc = env_doc(&ctx, &["env"]);
     let (id, r) = ctx.run_doc(&doc).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 0 }, "exit: {:?}", r.termination);
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 0 },
+        "exit: {:?}",
+        r.termination
+    );
     let want = Ctx::expected_environ(&doc);
     check!(
         ctx,
@@ -106,18 +113,27 @@ async fn no_ambient_canary(ctx: Ctx) -> Result<(), Failure> {
 
 async fn fds_host(ctx: Ctx) -> Result<(), Failure> {
     let inheritable = sentinels().inheritable();
-    check!(ctx, !inheritable.is_empty(), "the harness could not set up its inheritable sentinel fds");
+    check!(
+        ctx,
+        !inheritable.is_empty(),
+        "the harness could not set up its inheritable sentinel fds"
+    );
     ctx.step("create `hold`");
     let doc = ctx.doc(&["hold"]);
     let h = ctx.create_running(&doc).await?;
-    let pid = h.host_pid.ok_or_else(|| ctx.fail("create returned no host pid"))?;
+    let pid = h
+        .host_pid
+        .ok_or_else(|| ctx.fail("create returned no host pid"))?;
     ctx.step(format!("list /proc/{pid}/fd"));
-    let rd = std::fs::read_dir(format!("/proc/{pid}/fd")).map_err(|e| ctx.fail(format!("cannot list /proc/{pid}/fd: {e}")))?;
+    let rd = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(|e| ctx.fail(format!("cannot list /proc/{pid}/fd: {e}")))?;
     let mut fds: Vec<(i32, String)> = rd
         .flatten()
         .filter_map(|e| {
             let n = e.file_name().to_str()?.parse().ok()?;
-            let t = std::fs::read_link(e.path()).map(|p| p.display().to_string()).unwrap_or_default();
+            let t = std::fs::read_link(e.path())
+                .map(|p| p.display().to_string())
+                .unwrap_or_default();
             Some((n, t))
         })
         .collect();
@@ -127,8 +143,17 @@ async fn fds_host(ctx: Ctx) -> Result<(), Failure> {
         .filter(|(n, _)| *n > 2)
         .map(|(n, t)| format!("fd {n} -> {t}"))
         .collect();
-    check!(ctx, extra.is_empty(), "the workload holds fds beyond 0, 1, 2: {} (harness sentinels: {inheritable:?})", extra.join(", "));
-    check!(ctx, fds.len() == 3, "expected exactly fds 0, 1, 2; got {fds:?}");
+    check!(
+        ctx,
+        extra.is_empty(),
+        "the workload holds fds beyond 0, 1, 2: {} (harness sentinels: {inheritable:?})",
+        extra.join(", ")
+    );
+    check!(
+        ctx,
+        fds.len() == 3,
+        "expected exactly fds 0, 1, 2; got {fds:?}"
+    );
     ctx.destroy(&h.id).await?;
     Ok(())
 }
@@ -142,7 +167,13 @@ async fn fds_inside(ctx: Ctx) -> Result<(), Failure> {
         .filter(|f| !["0", "1", "2"].contains(f))
         .map(|f| format!("fd {f}"))
         .collect();
-    check!(ctx, got.trim() == "0 1 2", "the probe sees fds {:?}, expected `0 1 2` (extra: {})", got.trim(), extra.join(", "));
+    check!(
+        ctx,
+        got.trim() == "0 1 2",
+        "the probe sees fds {:?}, expected `0 1 2` (extra: {})",
+        got.trim(),
+        extra.join(", ")
+    );
     ctx.destroy(&id).await?;
     Ok(())
 }
@@ -151,7 +182,9 @@ async fn stdio_not_harness(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("create `hold`");
     let doc = ctx.doc(&["hold"]);
     let h = ctx.create_running(&doc).await?;
-    let pid = h.host_pid.ok_or_else(|| ctx.fail("create returned no host pid"))?;
+    let pid = h
+        .host_pid
+        .ok_or_else(|| ctx.fail("create returned no host pid"))?;
     for fd in [1, 2] {
         ctx.step(format!("compare fd {fd}"));
         let mine = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok();
@@ -160,7 +193,12 @@ async fn stdio_not_harness(ctx: Ctx) -> Result<(), Failure> {
         // A harness writing to /dev/null (or a tty) shares that name with anyone; only pipes,
         // sockets and files identify the harness's own stream.
         if let Some(m) = mine.filter(|m| !m.starts_with("/dev/")) {
-            check!(ctx, m != theirs, "the workload's fd {fd} is the harness's own ({})", m.display());
+            check!(
+                ctx,
+                m != theirs,
+                "the workload's fd {fd} is the harness's own ({})",
+                m.display()
+            );
         }
     }
     ctx.destroy(&h.id).await?;
@@ -172,10 +210,22 @@ async fn pids(ctx: Ctx) -> Result<(), Failure> {
     let (id, r) = ctx.run_probe(&["pids"]).await?;
     let out = r.stdout_str();
     let mut lines = out.lines();
-    let visible: Vec<&str> = lines.next().unwrap_or_default().split_whitespace().collect();
-    let me = lines.find_map(|l| l.strip_prefix("self=")).unwrap_or_default().trim().to_string();
+    let visible: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    let me = lines
+        .find_map(|l| l.strip_prefix("self="))
+        .unwrap_or_default()
+        .trim()
+        .to_string();
     check!(ctx, !me.is_empty(), "no `self=` line in {out:?}");
-    check!(ctx, visible.contains(&me.as_str()), "the probe's own pid {me} is not among the visible {visible:?}");
+    check!(
+        ctx,
+        visible.contains(&me.as_str()),
+        "the probe's own pid {me} is not among the visible {visible:?}"
+    );
     let host_count = processes().len();
     check!(
         ctx,
@@ -190,7 +240,12 @@ async fn pids(ctx: Ctx) -> Result<(), Failure> {
 async fn hostname(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run `hostname`");
     let (id, r) = ctx.run_probe(&["hostname"]).await?;
-    check!(ctx, r.stdout_str().trim() == id, "hostname is {:?}, expected the cell id {id:?}", r.stdout_str().trim());
+    check!(
+        ctx,
+        r.stdout_str().trim() == id,
+        "hostname is {:?}, expected the cell id {id:?}",
+        r.stdout_str().trim()
+    );
     ctx.destroy(&id).await?;
     Ok(())
 }
@@ -198,7 +253,12 @@ async fn hostname(ctx: Ctx) -> Result<(), Failure> {
 async fn netifs(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run `netifs`");
     let (id, r) = ctx.run_probe(&["netifs"]).await?;
-    check!(ctx, r.stdout_str().split_whitespace().collect::<Vec<_>>() == ["lo"], "interfaces {:?}, expected only `lo`", r.stdout_str().trim());
+    check!(
+        ctx,
+        r.stdout_str().split_whitespace().collect::<Vec<_>>() == ["lo"],
+        "interfaces {:?}, expected only `lo`",
+        r.stdout_str().trim()
+    );
     ctx.destroy(&id).await?;
     Ok(())
 }
@@ -212,10 +272,18 @@ async fn secret_hygiene(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("no host process shows the secret in its cmdline");
     let shown: Vec<String> = processes()
         .into_iter()
-        .filter(|p| p.cmdline.windows(secret.len()).any(|w| w == secret.as_bytes()))
+        .filter(|p| {
+            p.cmdline
+                .windows(secret.len())
+                .any(|w| w == secret.as_bytes())
+        })
         .map(|p| format!("pid {} ({})", p.pid, p.cmdline_lossy()))
         .collect();
-    check!(ctx, shown.is_empty(), "the secret env value is visible in host cmdlines: {shown:?}");
+    check!(
+        ctx,
+        shown.is_empty(),
+        "the secret env value is visible in host cmdlines: {shown:?}"
+    );
     ctx.step("after destroy no footprint file holds the secret");
     // Read the footprint while live: destroy should remove it, but check what may stay.
     let paths = ctx.backend().footprint(&id).paths;
@@ -225,6 +293,10 @@ async fn secret_hygiene(ctx: Ctx) -> Result<(), Failure> {
         .iter()
         .flat_map(|p| super::residue::files_containing(p, &secret, &mut budget))
         .collect();
-    check!(ctx, hits.is_empty(), "files still holding the secret after destroy: {hits:?}");
+    check!(
+        ctx,
+        hits.is_empty(),
+        "files still holding the secret after destroy: {hits:?}"
+    );
     Ok(())
 }

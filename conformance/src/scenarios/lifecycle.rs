@@ -25,11 +25,25 @@ pub fn scenarios() -> Vec<Scenario> {
 async fn create_wait_destroy(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("create + wait `exit 0`");
     let (id, r) = ctx.run_probe(&["exit", "0"]).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 0 }, "expected exit 0, got {:?}", r.termination);
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 0 },
+        "expected exit 0, got {:?}",
+        r.termination
+    );
     ctx.step("destroy");
     let t = ctx.destroy(&id).await?;
-    check!(ctx, t.id == id, "teardown report names {:?}, expected {id:?}", t.id);
-    check!(ctx, !t.killed_running, "workload had exited, yet killed_running = true");
+    check!(
+        ctx,
+        t.id == id,
+        "teardown report names {:?}, expected {id:?}",
+        t.id
+    );
+    check!(
+        ctx,
+        !t.killed_running,
+        "workload had exited, yet killed_running = true"
+    );
     ctx.step("residue after destroy");
     ctx.assert_clean(&id).await
 }
@@ -43,14 +57,26 @@ async fn duplicate_live_id(ctx: Ctx) -> Result<(), Failure> {
     let again = ctx.doc_for(&id, &["exit", "0"]);
     match ctx.try_create(&again).await {
         Err(CellError::AlreadyExists { id: got }) => {
-            check!(ctx, got == id, "AlreadyExists names {got:?}, expected {id:?}")
+            check!(
+                ctx,
+                got == id,
+                "AlreadyExists names {got:?}, expected {id:?}"
+            )
         }
         other => return Err(ctx.fail(format!("expected AlreadyExists, got {other:?}"))),
     }
     ctx.step("the first cell is still live");
-    check!(ctx, ctx.backend().list().await.contains(&id), "the original cell vanished from list()");
+    check!(
+        ctx,
+        ctx.backend().list().await.contains(&id),
+        "the original cell vanished from list()"
+    );
     let t = ctx.destroy(&id).await?;
-    check!(ctx, t.killed_running, "the original `hold` workload should still have been running");
+    check!(
+        ctx,
+        t.killed_running,
+        "the original `hold` workload should still have been running"
+    );
     ctx.assert_clean(&id).await
 }
 
@@ -65,7 +91,12 @@ async fn same_id_after_destroy(ctx: Ctx) -> Result<(), Failure> {
     let doc2 = ctx.doc_for(&id, &["exit", "7"]);
     ctx.create(&doc2).await?;
     let r = ctx.wait(&id).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 7 }, "second run: expected exit 7, got {:?}", r.termination);
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 7 },
+        "second run: expected exit 7, got {:?}",
+        r.termination
+    );
     ctx.destroy(&id).await?;
     ctx.assert_clean(&id).await
 }
@@ -74,7 +105,10 @@ async fn destroy_unknown(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("destroy an id never created");
     let id = ctx.new_id();
     match ctx.try_destroy(&id).await {
-        Err(CellError::NotFound { kind: ResourceKind::Cell, .. }) => Ok(()),
+        Err(CellError::NotFound {
+            kind: ResourceKind::Cell,
+            ..
+        }) => Ok(()),
         other => Err(ctx.fail(format!("expected NotFound(cell), got {other:?}"))),
     }
 }
@@ -85,8 +119,15 @@ async fn double_destroy(ctx: Ctx) -> Result<(), Failure> {
     ctx.destroy(&id).await?;
     ctx.step("destroy again");
     match ctx.try_destroy(&id).await {
-        Err(CellError::NotFound { kind: ResourceKind::Cell, .. }) => {}
-        other => return Err(ctx.fail(format!("second destroy: expected NotFound(cell), got {other:?}"))),
+        Err(CellError::NotFound {
+            kind: ResourceKind::Cell,
+            ..
+        }) => {}
+        other => {
+            return Err(ctx.fail(format!(
+                "second destroy: expected NotFound(cell), got {other:?}"
+            )))
+        }
     }
     ctx.assert_clean(&id).await
 }
@@ -99,7 +140,11 @@ async fn concurrent_destroy(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("two destroys at once");
     let (a, b) = tokio::join!(ctx.try_destroy(&id), ctx.try_destroy(&id));
     let oks = [&a, &b].iter().filter(|r| r.is_ok()).count();
-    check!(ctx, oks == 1, "expected exactly one Ok, got {a:?} and {b:?}");
+    check!(
+        ctx,
+        oks == 1,
+        "expected exactly one Ok, got {a:?} and {b:?}"
+    );
     let other = if a.is_ok() { &b } else { &a };
     check!(
         ctx,
@@ -116,7 +161,11 @@ async fn destroy_running(ctx: Ctx) -> Result<(), Failure> {
     ctx.create_running(&doc).await?;
     ctx.step("destroy while running");
     let t = ctx.destroy(&id).await?;
-    check!(ctx, t.killed_running, "destroy of a running workload reported killed_running = false");
+    check!(
+        ctx,
+        t.killed_running,
+        "destroy of a running workload reported killed_running = false"
+    );
     ctx.assert_clean(&id).await
 }
 
@@ -128,11 +177,21 @@ async fn teardown_remaining_cells(ctx: Ctx) -> Result<(), Failure> {
     ctx.create_running(&b).await?;
     ctx.step("destroy the first");
     let t = ctx.destroy(&a.spec.id).await?;
-    check!(ctx, t.remaining_cells >= 1, "the second cell is live, yet remaining_cells = {}", t.remaining_cells);
+    check!(
+        ctx,
+        t.remaining_cells >= 1,
+        "the second cell is live, yet remaining_cells = {}",
+        t.remaining_cells
+    );
     // Other trials in this process share the backend; counts are exact only when alone.
     if alone() {
         let listed = ctx.backend().list().await.len();
-        check!(ctx, t.remaining_cells == listed, "remaining_cells = {} but list() has {listed}", t.remaining_cells);
+        check!(
+            ctx,
+            t.remaining_cells == listed,
+            "remaining_cells = {} but list() has {listed}",
+            t.remaining_cells
+        );
     }
     ctx.step("destroy the second");
     let t2 = ctx.destroy(&b.spec.id).await?;
@@ -170,11 +229,26 @@ async fn exec_output(ctx: Ctx) -> Result<(), Failure> {
     ctx.create_running(&doc).await?;
     ctx.step("exec `out 10`");
     let r = ctx.exec(&id, &["out", "10"]).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 0 }, "exec exit: {:?}", r.termination);
-    check!(ctx, r.stdout == b"0123456789", "exec stdout {:?}", r.stdout_str());
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 0 },
+        "exec exit: {:?}",
+        r.termination
+    );
+    check!(
+        ctx,
+        r.stdout == b"0123456789",
+        "exec stdout {:?}",
+        r.stdout_str()
+    );
     ctx.step("exec `exit 3`");
     let r = ctx.exec(&id, &["exit", "3"]).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 3 }, "exec exit: {:?}", r.termination);
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 3 },
+        "exec exit: {:?}",
+        r.termination
+    );
     ctx.destroy(&id).await?;
     ctx.assert_clean(&id).await
 }

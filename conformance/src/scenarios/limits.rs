@@ -46,9 +46,22 @@ async fn pids_max(ctx: Ctx) -> Result<(), Failure> {
             .and_then(|v| v.parse().ok())
     };
     let (forked, failed) = (field("forked="), field("failed="));
-    check!(ctx, forked.is_some() && failed.is_some(), "unexpected `fork` output {out:?} ({:?})", r.termination);
-    check!(ctx, failed.unwrap_or(0) > 0, "all 64 forks succeeded under pidsMax = 16: {out:?}");
-    check!(ctx, forked.unwrap_or(64) < 16, "{forked:?} forks succeeded under pidsMax = 16");
+    check!(
+        ctx,
+        forked.is_some() && failed.is_some(),
+        "unexpected `fork` output {out:?} ({:?})",
+        r.termination
+    );
+    check!(
+        ctx,
+        failed.unwrap_or(0) > 0,
+        "all 64 forks succeeded under pidsMax = 16: {out:?}"
+    );
+    check!(
+        ctx,
+        forked.unwrap_or(64) < 16,
+        "{forked:?} forks succeeded under pidsMax = 16"
+    );
     ctx.destroy(&id).await?;
     Ok(())
 }

@@ -54,7 +54,9 @@ mod tests {
         for s in &all {
             assert!(seen.insert(s.path()), "duplicate {}", s.path());
             assert!(
-                s.name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
+                s.name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'),
                 "{}",
                 s.name
             );

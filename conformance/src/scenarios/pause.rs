@@ -22,12 +22,18 @@ pub fn scenarios() -> Vec<Scenario> {
 
 async fn pause(ctx: &Ctx, id: &str) -> Result<(), Failure> {
     ctx.step(format!("pause {id}"));
-    ctx.backend().pause(id).await.map_err(|e| ctx.fail(format!("pause failed: {e} ({e:?})")))
+    ctx.backend()
+        .pause(id)
+        .await
+        .map_err(|e| ctx.fail(format!("pause failed: {e} ({e:?})")))
 }
 
 async fn resume(ctx: &Ctx, id: &str) -> Result<(), Failure> {
     ctx.step(format!("resume {id}"));
-    ctx.backend().resume(id).await.map_err(|e| ctx.fail(format!("resume failed: {e} ({e:?})")))
+    ctx.backend()
+        .resume(id)
+        .await
+        .map_err(|e| ctx.fail(format!("resume failed: {e} ({e:?})")))
 }
 
 async fn counter_stops(ctx: Ctx) -> Result<(), Failure> {
@@ -42,7 +48,11 @@ async fn counter_stops(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("read right after resume");
     let after = read_count(&ctx, &id).await?;
     // Only the ticks around the pause and read calls may land; a running counter adds ~30.
-    check!(ctx, after <= before + 10, "the counter moved from {before} to {after} across a 1.5 s pause");
+    check!(
+        ctx,
+        after <= before + 10,
+        "the counter moved from {before} to {after} across a 1.5 s pause"
+    );
     ctx.step("it advances after resume");
     await_count_above(&ctx, &id, after).await?;
     ctx.destroy(&id).await?;
@@ -56,8 +66,14 @@ async fn exec_while_paused(ctx: Ctx) -> Result<(), Failure> {
     let r = tokio::time::timeout(Duration::from_secs(10), ctx.try_exec(&id, &["exit", "0"])).await;
     match r {
         Ok(Err(CellError::InvalidState { .. })) => {}
-        Ok(other) => return Err(ctx.fail(format!("exec into a paused cell: expected InvalidState, got {other:?}"))),
-        Err(_) => return Err(ctx.fail("exec into a paused cell hung for 10 s (expected InvalidState)")),
+        Ok(other) => {
+            return Err(ctx.fail(format!(
+                "exec into a paused cell: expected InvalidState, got {other:?}"
+            )))
+        }
+        Err(_) => {
+            return Err(ctx.fail("exec into a paused cell hung for 10 s (expected InvalidState)"))
+        }
     }
     resume(&ctx, &id).await?;
     ctx.destroy(&id).await?;
@@ -80,8 +96,16 @@ async fn unknown_cell(ctx: Ctx) -> Result<(), Failure> {
     let id = ctx.new_id();
     ctx.step("pause a cell never created");
     let r = ctx.backend().pause(&id).await;
-    check!(ctx, matches!(r, Err(CellError::NotFound { .. })), "expected NotFound, got {r:?}");
+    check!(
+        ctx,
+        matches!(r, Err(CellError::NotFound { .. })),
+        "expected NotFound, got {r:?}"
+    );
     let r = ctx.backend().resume(&id).await;
-    check!(ctx, matches!(r, Err(CellError::NotFound { .. })), "resume: expected NotFound, got {r:?}");
+    check!(
+        ctx,
+        matches!(r, Err(CellError::NotFound { .. })),
+        "resume: expected NotFound, got {r:?}"
+    );
     Ok(())
 }

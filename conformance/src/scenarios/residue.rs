@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use cellcheck_contract::{CellError, Capability, Limits, Termination};
+use cellcheck_contract::{Capability, CellError, Limits, Termination};
 
 use crate::harness::{fixtures_rootfs, Ctx, Failure, Scenario};
 use crate::residue::marked_processes;
@@ -36,7 +36,12 @@ async fn after_exit(ctx: Ctx) -> Result<(), Failure> {
 async fn after_kill(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run `signal KILL`, destroy");
     let (id, r) = ctx.run_probe(&["signal", "KILL"]).await?;
-    check!(ctx, matches!(r.termination, Termination::Signaled { .. }), "expected a signal death, got {:?}", r.termination);
+    check!(
+        ctx,
+        matches!(r.termination, Termination::Signaled { .. }),
+        "expected a signal death, got {:?}",
+        r.termination
+    );
     ctx.destroy(&id).await?;
     ctx.assert_clean(&id).await
 }
@@ -47,7 +52,11 @@ async fn after_missing_program(ctx: Ctx) -> Result<(), Failure> {
     let mut doc = ctx.doc_for(&id, &[]);
     doc.spec.run.argv = vec!["/nonexistent/cellcheck".into(), "x".into()];
     let r = ctx.try_create(&doc).await;
-    check!(ctx, r.is_err(), "create of a missing program succeeded: {r:?}");
+    check!(
+        ctx,
+        r.is_err(),
+        "create of a missing program succeeded: {r:?}"
+    );
     ctx.assert_clean(&id).await
 }
 
@@ -59,8 +68,16 @@ async fn after_refused_spec(ctx: Ctx) -> Result<(), Failure> {
     });
     let id = doc.spec.id.clone();
     let r = ctx.try_create(&doc).await;
-    check!(ctx, matches!(r, Err(CellError::InvalidSpec { .. })), "expected InvalidSpec, got {r:?}");
-    check!(ctx, !ctx.backend().list().await.contains(&id), "the refused cell is listed");
+    check!(
+        ctx,
+        matches!(r, Err(CellError::InvalidSpec { .. })),
+        "expected InvalidSpec, got {r:?}"
+    );
+    check!(
+        ctx,
+        !ctx.backend().list().await.contains(&id),
+        "the refused cell is listed"
+    );
     ctx.assert_clean(&id).await
 }
 
@@ -70,7 +87,11 @@ async fn after_timeout(ctx: Ctx) -> Result<(), Failure> {
     let id = doc.spec.id.clone();
     ctx.create(&doc).await?;
     let r = ctx.try_wait(&id).await;
-    check!(ctx, matches!(r, Err(CellError::DeadlineExceeded { .. })), "expected DeadlineExceeded, got {r:?}");
+    check!(
+        ctx,
+        matches!(r, Err(CellError::DeadlineExceeded { .. })),
+        "expected DeadlineExceeded, got {r:?}"
+    );
     ctx.destroy(&id).await?;
     ctx.assert_clean(&id).await
 }
@@ -89,7 +110,9 @@ async fn await_marked(ctx: &Ctx, id: &str, n: usize) -> Result<(), Failure> {
             return Ok(());
         }
         if start.elapsed() > Duration::from_secs(15) {
-            return Err(ctx.fail(format!("only {seen} of {n} expected processes of the cell appeared on the host")));
+            return Err(ctx.fail(format!(
+                "only {seen} of {n} expected processes of the cell appeared on the host"
+            )));
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -103,8 +126,18 @@ async fn daemon(ctx: Ctx, exit_first: bool) -> Result<(), Failure> {
     ctx.create(&doc).await?;
     if exit_first {
         let r = ctx.wait(&id).await?;
-        check!(ctx, r.termination == Termination::Exited { code: 0 }, "`daemon-exit` exit: {:?}", r.termination);
-        check!(ctx, r.stdout_str().contains("daemon="), "no `daemon=` line in {:?}", r.stdout_str());
+        check!(
+            ctx,
+            r.termination == Termination::Exited { code: 0 },
+            "`daemon-exit` exit: {:?}",
+            r.termination
+        );
+        check!(
+            ctx,
+            r.stdout_str().contains("daemon="),
+            "no `daemon=` line in {:?}",
+            r.stdout_str()
+        );
     } else {
         ctx.step("the daemonized grandchild is up");
         await_marked(&ctx, &id, 2).await?;
@@ -123,7 +156,11 @@ async fn tree(ctx: Ctx) -> Result<(), Failure> {
     await_marked(&ctx, &id, 6).await?;
     ctx.step("destroy");
     let t = ctx.destroy(&id).await?;
-    check!(ctx, t.killed_running, "the tree was running, yet killed_running = false");
+    check!(
+        ctx,
+        t.killed_running,
+        "the tree was running, yet killed_running = false"
+    );
     ctx.assert_clean(&id).await
 }
 
@@ -136,7 +173,9 @@ pub(crate) fn files_containing(root: &Path, needle: &str, budget: &mut usize) ->
             break;
         }
         *budget -= 1;
-        let Ok(md) = p.symlink_metadata() else { continue };
+        let Ok(md) = p.symlink_metadata() else {
+            continue;
+        };
         if p.to_string_lossy().contains(needle) {
             hits.push(p.display().to_string());
             continue;
@@ -162,7 +201,13 @@ async fn tmp_file(ctx: Ctx) -> Result<(), Failure> {
     let inner = format!("/tmp/{name}");
     ctx.step(format!("run `write {inner} ...`"));
     let (id, r) = ctx.run_probe(&["write", &inner, &content]).await?;
-    check!(ctx, r.termination == Termination::Exited { code: 0 }, "`write` into the cell's /tmp failed: {:?} {}", r.termination, r.stderr_str());
+    check!(
+        ctx,
+        r.termination == Termination::Exited { code: 0 },
+        "`write` into the cell's /tmp failed: {:?} {}",
+        r.termination,
+        r.stderr_str()
+    );
     ctx.destroy(&id).await?;
     ctx.step("the file is nowhere on the host");
     let mut hits = Vec::new();
@@ -180,7 +225,11 @@ async fn tmp_file(ctx: Ctx) -> Result<(), Failure> {
     for p in ctx.backend().footprint(&id).paths {
         hits.extend(files_containing(&p, &content, &mut budget));
     }
-    check!(ctx, hits.is_empty(), "the file the workload wrote in its /tmp survived on the host: {hits:?}");
+    check!(
+        ctx,
+        hits.is_empty(),
+        "the file the workload wrote in its /tmp survived on the host: {hits:?}"
+    );
     ctx.assert_clean(&id).await
 }
 
@@ -192,11 +241,19 @@ async fn ttl_reaper(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("the reaper destroys it");
     let start = Instant::now();
     while ctx.backend().list().await.contains(&id) {
-        check!(ctx, start.elapsed() < Duration::from_secs(20), "the cell was still listed 20 s after a 2 s ttl");
+        check!(
+            ctx,
+            start.elapsed() < Duration::from_secs(20),
+            "the cell was still listed 20 s after a 2 s ttl"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     ctx.step("a later destroy is NotFound");
     let r = ctx.try_destroy(&id).await;
-    check!(ctx, matches!(r, Err(CellError::NotFound { .. })), "destroy after the ttl: expected NotFound, got {r:?}");
+    check!(
+        ctx,
+        matches!(r, Err(CellError::NotFound { .. })),
+        "destroy after the ttl: expected NotFound, got {r:?}"
+    );
     ctx.assert_clean(&id).await
 }

@@ -13,7 +13,12 @@ const COUNTER: &str = "/tmp/cellcheck-count";
 
 pub fn scenarios() -> Vec<Scenario> {
     vec![
-        scenario!(F, "continue_after_restore", [Snapshot, Exec], continue_after_restore),
+        scenario!(
+            F,
+            "continue_after_restore",
+            [Snapshot, Exec],
+            continue_after_restore
+        ),
         scenario!(F, "restore_twice", [Snapshot, Exec], restore_twice),
         scenario!(F, "unknown_cell", [Snapshot], unknown_cell),
         scenario!(F, "corrupted_image", [Snapshot], corrupted_image),
@@ -24,10 +29,13 @@ pub fn scenarios() -> Vec<Scenario> {
 /// The counter's value, read through exec `cat`.
 pub(crate) async fn read_count(ctx: &Ctx, id: &str) -> Result<u64, Failure> {
     let r = ctx.exec(id, &["cat", COUNTER]).await?;
-    r.stdout_str()
-        .trim()
-        .parse()
-        .map_err(|_| ctx.fail(format!("counter file holds {:?} ({:?})", r.stdout_str(), r.termination)))
+    r.stdout_str().trim().parse().map_err(|_| {
+        ctx.fail(format!(
+            "counter file holds {:?} ({:?})",
+            r.stdout_str(),
+            r.termination
+        ))
+    })
 }
 
 /// Wait until the counter of `id` exceeds `above`.
@@ -39,7 +47,11 @@ pub(crate) async fn await_count_above(ctx: &Ctx, id: &str, above: u64) -> Result
                 return Ok(v);
             }
         }
-        check!(ctx, start.elapsed() < Duration::from_secs(20), "the counter of {id} did not pass {above} within 20 s");
+        check!(
+            ctx,
+            start.elapsed() < Duration::from_secs(20),
+            "the counter of {id} did not pass {above} within 20 s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -71,7 +83,12 @@ async fn restore(ctx: &Ctx, snap: &SnapshotRef) -> Result<CellHandle, Failure> {
         .await
         .map_err(|e| ctx.fail(format!("restore failed: {e} ({e:?})")))?;
     ctx.note_live(&h);
-    check!(ctx, h.id == new_id, "restore returned id {:?}, expected {new_id:?}", h.id);
+    check!(
+        ctx,
+        h.id == new_id,
+        "restore returned id {:?}, expected {new_id:?}",
+        h.id
+    );
     Ok(h)
 }
 
@@ -97,7 +114,11 @@ async fn continue_after_restore(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("the restored counter continues");
     let first = read_count(&ctx, &h.id).await?;
     // The value read after the snapshot may be a few ticks ahead of the image: allow slack.
-    check!(ctx, first + 20 >= at_snap, "restored counter {first} is far behind {at_snap} at snapshot time (restarted?)");
+    check!(
+        ctx,
+        first + 20 >= at_snap,
+        "restored counter {first} is far behind {at_snap} at snapshot time (restarted?)"
+    );
     let later = await_count_above(&ctx, &h.id, first).await?;
     check!(ctx, later > first, "restored counter does not advance");
     ctx.destroy(&h.id).await?;
@@ -113,7 +134,10 @@ async fn restore_twice(ctx: Ctx) -> Result<(), Failure> {
     let b = restore(&ctx, &snap).await?;
     check!(ctx, a.id != b.id, "two restores share the id {}", a.id);
     ctx.step("both advance independently");
-    let (a0, b0) = (read_count(&ctx, &a.id).await?, read_count(&ctx, &b.id).await?);
+    let (a0, b0) = (
+        read_count(&ctx, &a.id).await?,
+        read_count(&ctx, &b.id).await?,
+    );
     await_count_above(&ctx, &a.id, a0).await?;
     await_count_above(&ctx, &b.id, b0).await?;
     ctx.destroy(&a.id).await?;
@@ -127,7 +151,10 @@ async fn unknown_cell(ctx: Ctx) -> Result<(), Failure> {
     let id = ctx.new_id();
     ctx.step("snapshot a cell never created");
     match ctx.backend().snapshot(&id).await {
-        Err(CellError::NotFound { kind: ResourceKind::Cell, .. }) => Ok(()),
+        Err(CellError::NotFound {
+            kind: ResourceKind::Cell,
+            ..
+        }) => Ok(()),
         other => Err(ctx.fail(format!("expected NotFound(cell), got {other:?}"))),
     }
 }
@@ -145,7 +172,11 @@ fn corrupt(dir: &Path) -> usize {
             let len = md.len() / 2;
             if let Ok(f) = std::fs::OpenOptions::new().write(true).open(&p) {
                 let _ = f.set_len(len);
-                let _ = std::os::unix::fs::FileExt::write_at(&f, &vec![0xA5; len.min(4096) as usize], 0);
+                let _ = std::os::unix::fs::FileExt::write_at(
+                    &f,
+                    &vec![0xA5; len.min(4096) as usize],
+                    0,
+                );
                 n += 1;
             }
         }
@@ -161,11 +192,18 @@ async fn corrupted_image(ctx: Ctx) -> Result<(), Failure> {
     let snap = snapshot_of(&ctx, &src).await?;
     ctx.destroy(&src).await?;
     let Some(path) = snap.path.clone() else {
-        return Err(ctx.fail("the snapshot has no host path to corrupt; cannot check restore of a damaged image"));
+        return Err(ctx.fail(
+            "the snapshot has no host path to corrupt; cannot check restore of a damaged image",
+        ));
     };
     ctx.step(format!("corrupt {}", path.display()));
     let n = corrupt(&path);
-    check!(ctx, n > 0, "no snapshot files found under {}", path.display());
+    check!(
+        ctx,
+        n > 0,
+        "no snapshot files found under {}",
+        path.display()
+    );
     let new_id = ctx.new_id();
     ctx.step(format!("restore the damaged image into {new_id}"));
     match ctx.backend().restore(&snap, &new_id).await {
@@ -175,7 +213,11 @@ async fn corrupted_image(ctx: Ctx) -> Result<(), Failure> {
             return Err(ctx.fail("restore of a truncated, overwritten image succeeded"));
         }
     }
-    check!(ctx, !ctx.backend().list().await.contains(&new_id), "the failed restore is listed");
+    check!(
+        ctx,
+        !ctx.backend().list().await.contains(&new_id),
+        "the failed restore is listed"
+    );
     ctx.assert_clean(&new_id).await?;
     delete(&ctx, &snap).await
 }
@@ -188,12 +230,19 @@ async fn delete_removes_files(ctx: Ctx) -> Result<(), Failure> {
     let snap = snapshot_of(&ctx, &src).await?;
     ctx.destroy(&src).await?;
     if let Some(p) = &snap.path {
-        check!(ctx, p.exists(), "the snapshot path {} does not exist before delete", p.display());
+        check!(
+            ctx,
+            p.exists(),
+            "the snapshot path {} does not exist before delete",
+            p.display()
+        );
     }
     delete(&ctx, &snap).await?;
     ctx.step("a second delete is NotFound");
     match ctx.backend().delete_snapshot(&snap).await {
         Err(CellError::NotFound { .. }) => Ok(()),
-        other => Err(ctx.fail(format!("second delete_snapshot: expected NotFound, got {other:?}"))),
+        other => Err(ctx.fail(format!(
+            "second delete_snapshot: expected NotFound, got {other:?}"
+        ))),
     }
 }

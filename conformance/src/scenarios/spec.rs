@@ -21,11 +21,17 @@ pub fn scenarios() -> Vec<Scenario> {
         scenario!(F, "empty_argv", [], |c| invalid(c, Bad::EmptyArgv)),
         scenario!(F, "nul_in_argv", [], |c| invalid(c, Bad::NulArgv)),
         scenario!(F, "env_key_with_eq", [], |c| invalid(c, Bad::EnvEq)),
-        scenario!(F, "timeout_over_ttl", [], |c| invalid(c, Bad::TimeoutOverTtl)),
+        scenario!(F, "timeout_over_ttl", [], |c| invalid(
+            c,
+            Bad::TimeoutOverTtl
+        )),
         scenario!(F, "zero_memory_limit", [], |c| invalid(c, Bad::ZeroMemory)),
-        scenario!(F, "unknown_api_version", [], |c| invalid(c, Bad::ApiVersion)),
+        scenario!(F, "unknown_api_version", [], |c| invalid(
+            c,
+            Bad::ApiVersion
+        )),
         scenario!(F, "arbitrary_documents", [], arbitrary_documents)
-            .with_timeout(Duration::from_secs(300)),
+            .with_timeout(Duration::from_secs(200)),
     ]
 }
 
@@ -100,14 +106,25 @@ async fn invalid(ctx: Ctx, bad: Bad) -> Result<(), Failure> {
     let before = ctx.backend().list().await;
     match ctx.try_create(&doc).await {
         Err(CellError::InvalidSpec { field: got, .. }) => {
-            check!(ctx, got == field, "InvalidSpec names field {got:?}, expected {field:?}")
+            check!(
+                ctx,
+                got == field,
+                "InvalidSpec names field {got:?}, expected {field:?}"
+            )
         }
         other => return Err(ctx.fail(format!("expected InvalidSpec({field}), got {other:?}"))),
     }
     ctx.step("nothing was created");
     let after = ctx.backend().list().await;
-    check!(ctx, !after.contains(&id) && !after.contains(&base), "the refused cell is listed: {after:?}");
-    let new: Vec<&String> = after.iter().filter(|i| !before.contains(i) && i.contains(ctx.token())).collect();
+    check!(
+        ctx,
+        !after.contains(&id) && !after.contains(&base),
+        "the refused cell is listed: {after:?}"
+    );
+    let new: Vec<&String> = after
+        .iter()
+        .filter(|i| !before.contains(i) && i.contains(ctx.token()))
+        .collect();
     check!(ctx, new.is_empty(), "cells of this trial appeared: {new:?}");
     ctx.assert_clean(&id).await?;
     ctx.assert_clean(&base).await
@@ -134,14 +151,34 @@ fn doc_strategy(base: String) -> impl Strategy<Value = CellDocument> {
     ];
     let env = prop::collection::vec(("[A-Z_=\\x00]{0,4}", "[a-z =\\x00]{0,5}"), 0..3);
     let limits = proptest::option::of((
-        proptest::option::of(prop_oneof![Just(0u64), Just(1u64 << 20), Just(256u64 << 20)]),
+        proptest::option::of(prop_oneof![
+            Just(0u64),
+            Just(1u64 << 20),
+            Just(256u64 << 20)
+        ]),
         proptest::option::of(0u64..64),
         proptest::option::of((0u64..200_000, 0u64..2_000_000)),
     ));
-    let api = prop_oneof![9 => Just(cellcheck_contract::spec::API_VERSION.to_string()), 1 => ".{0,5}"];
-    let wd = proptest::option::of(prop_oneof![Just("/".to_string()), Just("/tmp".to_string()), Just("rel".to_string()), Just("/nonexistent".to_string())]);
-    (id, argv0, args, env, proptest::option::of(0u64..4000), proptest::option::of(0u64..4), limits, api, wd).prop_map(
-        |(id, argv0, args, env, timeout, ttl, limits, api, wd)| {
+    let api =
+        prop_oneof![9 => Just(cellcheck_contract::spec::API_VERSION.to_string()), 1 => ".{0,5}"];
+    let wd = proptest::option::of(prop_oneof![
+        Just("/".to_string()),
+        Just("/tmp".to_string()),
+        Just("rel".to_string()),
+        Just("/nonexistent".to_string())
+    ]);
+    (
+        id,
+        argv0,
+        args,
+        env,
+        proptest::option::of(0u64..4000),
+        proptest::option::of(0u64..4),
+        limits,
+        api,
+        wd,
+    )
+        .prop_map(|(id, argv0, args, env, timeout, ttl, limits, api, wd)| {
             let mut d = CellDocument::new(id, std::iter::once(argv0).chain(args));
             for (k, v) in env {
                 d = d.with_env(k, v);
@@ -156,8 +193,7 @@ fn doc_strategy(base: String) -> impl Strategy<Value = CellDocument> {
                 cpu_max: c.map(|(quota, period)| CpuMax { quota, period }),
             });
             d
-        },
-    )
+        })
 }
 
 const CASES: usize = 32;
@@ -188,7 +224,12 @@ async fn arbitrary_documents(ctx: Ctx) -> Result<(), Failure> {
         let admitted = d.admit();
         match ctx.try_create(d).await {
             Ok(h) => {
-                check!(ctx, admitted.is_ok(), "a document admission refuses ({:?}) was created", admitted.err());
+                check!(
+                    ctx,
+                    admitted.is_ok(),
+                    "a document admission refuses ({:?}) was created",
+                    admitted.err()
+                );
                 // Whatever the workload does, it gets a bounded wait, then destroy.
                 let _ = tokio::time::timeout(Duration::from_secs(15), ctx.try_wait(&h.id)).await;
                 ctx.destroy(&h.id).await?;
@@ -197,7 +238,12 @@ async fn arbitrary_documents(ctx: Ctx) -> Result<(), Failure> {
             Err(e) => {
                 // Typed errors other than InvalidSpec are allowed (a missing program, a bad
                 // working directory) only for admissible documents.
-                check!(ctx, admitted.is_ok(), "admission refuses it ({:?}) but create said {e:?}", admitted.err());
+                check!(
+                    ctx,
+                    admitted.is_ok(),
+                    "admission refuses it ({:?}) but create said {e:?}",
+                    admitted.err()
+                );
             }
         }
         ctx.step(format!("case {i}: residue {json}"));
