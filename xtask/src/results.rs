@@ -247,7 +247,10 @@ mod tests {
             sample("host::a::b", Outcome::Fail, "forced", 2),
         ]);
         assert_eq!(r.len(), 2);
-        assert_eq!((r[0].id.as_str(), r[0].outcome), ("host::a::b", Outcome::Fail));
+        assert_eq!(
+            (r[0].id.as_str(), r[0].outcome),
+            ("host::a::b", Outcome::Fail)
+        );
     }
 
     #[test]

@@ -15,6 +15,8 @@ pub enum ProblemKind {
     Xpass,
     Flaky,
     UnexplainedSkip,
+    /// A backend this run was to test has no trial in the suite's listing.
+    NoTrials,
     ExpiredExpectation,
     StaleExpectation,
 }
@@ -26,6 +28,7 @@ impl fmt::Display for ProblemKind {
             ProblemKind::Xpass => "xpass",
             ProblemKind::Flaky => "flaky",
             ProblemKind::UnexplainedSkip => "unexplained skip",
+            ProblemKind::NoTrials => "no trials",
             ProblemKind::ExpiredExpectation => "expired expectation",
             ProblemKind::StaleExpectation => "stale expectation",
         })
@@ -72,6 +75,20 @@ pub fn judge(j: &Judged) -> Vec<Problem> {
             trial: Some(r.id.clone()),
             message: r.reason.clone(),
         });
+    }
+    for b in j.backends {
+        if !j.listed.iter().any(|id| {
+            id.strip_prefix(b.as_str())
+                .is_some_and(|r| r.starts_with("::"))
+        }) {
+            out.push(Problem {
+                kind: ProblemKind::NoTrials,
+                trial: None,
+                message: format!(
+                    "backend {b} was to be tested, but the suite lists no trial for it (is it registered in the suite?)"
+                ),
+            });
+        }
     }
     for e in &j.expectations.entries {
         let label = format!("{} × {} × {}", e.backend, e.class, e.scenario);
@@ -318,10 +335,25 @@ expires = "2027-06-30"
 
     #[test]
     fn only_the_suite_wording_of_a_capability_skip_counts() {
-        assert!(capability_skip("capability snapshot unsupported: criu check fails"));
-        assert!(!capability_skip("capability teleport unsupported: no such thing"));
-        assert!(!capability_skip("backend unavailable: snapshot unsupported"));
+        assert!(capability_skip(
+            "capability snapshot unsupported: criu check fails"
+        ));
+        assert!(!capability_skip(
+            "capability teleport unsupported: no such thing"
+        ));
+        assert!(!capability_skip(
+            "backend unavailable: snapshot unsupported"
+        ));
         assert!(!capability_skip(""));
+    }
+
+    #[test]
+    fn a_backend_without_listed_trials_fails_the_run() {
+        let mut c = Case::new(clean_runsc());
+        c.backends.insert("nested".into());
+        let p = c.judge(TODAY, false);
+        assert_eq!(kinds(&p), [ProblemKind::NoTrials]);
+        assert!(p[0].message.contains("backend nested"));
     }
 
     #[test]
