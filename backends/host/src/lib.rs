@@ -50,7 +50,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -167,6 +167,8 @@ struct Inner {
     plan: Plan,
     snapshot_reason: String,
     cells: Mutex<HashMap<String, Slot>>,
+    /// Signalled whenever a destroyed cell leaves `cells`.
+    gone: Condvar,
     serial: AtomicU64,
     /// Parents of the state root this backend created (outermost first).
     made_parents: Mutex<Vec<PathBuf>>,
@@ -230,6 +232,7 @@ impl HostBackend {
                 snapshot_reason: criu_reason(),
                 cfg,
                 cells: Mutex::new(HashMap::new()),
+                gone: Condvar::new(),
                 serial: AtomicU64::new(0),
                 made_parents: Mutex::new(Vec::new()),
             }),
@@ -734,6 +737,14 @@ impl Inner {
                     cells.insert(id.to_string(), Slot::Destroying);
                     c
                 }
+                Some(Slot::Destroying) => {
+                    // Another destroy (or the reaper) is at work: answer once the cell is gone,
+                    // so whoever hears NotFound can rely on nothing being left.
+                    while matches!(cells.get(id), Some(Slot::Destroying)) {
+                        cells = self.gone.wait(cells).unwrap_or_else(|e| e.into_inner());
+                    }
+                    return Err(CellError::cell_not_found(id));
+                }
                 _ => return Err(CellError::cell_not_found(id)),
             }
         };
@@ -748,6 +759,7 @@ impl Inner {
             if cells.is_empty() {
                 self.drop_state_root_if_empty();
             }
+            self.gone.notify_all();
             n
         };
         Ok((res?, remaining))
@@ -1054,7 +1066,8 @@ impl Backend for HostBackend {
     async fn list(&self) -> Vec<String> {
         let mut ids: Vec<String> = lock(&self.inner.cells)
             .iter()
-            .filter(|(_, s)| matches!(s, Slot::Live(_)))
+            // A cell being destroyed is listed until it is gone.
+            .filter(|(_, s)| !matches!(s, Slot::Creating))
             .map(|(k, _)| k.clone())
             .collect();
         ids.sort();

@@ -740,7 +740,10 @@ async fn an_abandoned_create_still_ends_in_a_live_cell_that_destroy_removes() {
     if r.is_err() {
         let t0 = Instant::now();
         while !b.list().await.contains(&id) {
-            assert!(t0.elapsed() < Duration::from_secs(10), "create never finished");
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "create never finished"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
