@@ -1,1 +1,795 @@
-//! Cell in cell (filled in below).
+//! Cell in cell: `cellcheck-driver host` runs inside an outer host cell and creates the inner cells.
+//!
+//! # Layout
+//!
+//! Every inner cell gets its own outer cell (id `<instance>-<hash of the inner id>`), created by an
+//! in-process [`HostBackend`] with three binds:
+//!
+//! | host                              | in the outer cell     |                                  |
+//! |-----------------------------------|-----------------------|----------------------------------|
+//! | `/sys/fs/cgroup`                  | `/sys/fs/cgroup`      | read-write: the inner backend makes cgroups |
+//! | the fixtures dir                  | `/run/fixtures`       | read-only: init, rootfs, static driver |
+//! | `/run/cellcheck/nested/<instance>`| `/run/nest`           | read-write: sockets and inner state |
+//!
+//! The outer workload is `cellcheck-driver --connect /run/nest/sock/<outer>.sock host ...`: the
+//! host backend gives a cell capture files, not a channel, so the driver *connects out* to a unix
+//! socket we listen on in the bound directory (path sockets work across mount and network
+//! namespaces). The inner backend keeps its state in `/run/nest/state/<outer>`, so its files are
+//! visible on the host, and its cgroups land in the real hierarchy next to the outer cell's.
+//!
+//! # Seeing through both layers
+//!
+//! `footprint(id)` is the outer cell's footprint plus the inner backend's (computed in process
+//! from the same configuration the driver runs with, paths translated to the host). Destroy asks
+//! the driver to destroy the inner cell, closes the connection (the driver then exits), destroys
+//! the outer cell, and removes whatever of the inner footprint is left — so a driver that crashed
+//! or hung leaves nothing behind either.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use cellcheck_contract::{
+    Availability, Backend, Capabilities, Capability, CellDocument, CellError, CellHandle,
+    ExecRequest, ExitReport, Footprint, TeardownReport,
+};
+use cellcheck_host::{BindMount, HostBackend, HostConfig};
+
+use crate::client;
+use crate::conn::{Conn, Peer};
+use crate::RemoteOptions;
+
+const FIXTURES_IN_CELL: &str = "/run/fixtures";
+const NEST_IN_CELL: &str = "/run/nest";
+
+/// Where the static driver is (or will be) built: next to the other static fixtures.
+pub fn static_driver_path(fx: &cellcheck_fixtures::Fixtures) -> PathBuf {
+    fx.dir.join("bin/cellcheck-driver")
+}
+
+/// Build `cellcheck-driver` statically (it runs in the busybox root), unless `CELLCHECK_DRIVER_BIN`
+/// names one or the built one is newer than its sources. Serialised by a file lock.
+pub fn ensure_static_driver(fx: &cellcheck_fixtures::Fixtures) -> Result<PathBuf, CellError> {
+    if let Some(p) = std::env::var_os("CELLCHECK_DRIVER_BIN") {
+        return Ok(PathBuf::from(p));
+    }
+    let out = static_driver_path(fx);
+    let root = cellcheck_fixtures::workspace_root();
+    let fail = |what: &str, e: std::io::Error| CellError::Unavailable {
+        reason: format!("static cellcheck-driver: {what}: {e}"),
+    };
+    fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))
+        .map_err(|e| fail("create bin dir", e))?;
+    let lock = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(fx.dir.join(".driver.lock"))
+        .map_err(|e| fail("open lock", e))?;
+    // SAFETY: flock on an fd we own, released when `lock` is dropped.
+    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
+        return Err(fail("flock", std::io::Error::last_os_error()));
+    }
+    let sources = [
+        "backends/driver",
+        "backends/host/src",
+        "backends/host-init/src",
+        "backends/remote/src",
+        "backends/contract/src",
+        "Cargo.lock",
+    ];
+    let built = fs::metadata(&out).and_then(|m| m.modified()).ok();
+    let stale = built.is_none_or(|b| sources.iter().any(|s| newer_than(&root.join(s), b)));
+    if !stale {
+        return Ok(out);
+    }
+    let build_dir = cellcheck_fixtures::target_dir().join("cellcheck-fixtures-build");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let target = cellcheck_fixtures::static_target();
+    let res = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .args([
+            "build",
+            "--release",
+            "--locked",
+            "-p",
+            "cellcheck-driver",
+            "--target",
+            target,
+        ])
+        .arg("--target-dir")
+        .arg(&build_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_TARGET_DIR")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS")
+        .output()
+        .map_err(|e| fail("run cargo", e))?;
+    if !res.status.success() {
+        return Err(CellError::Unavailable {
+            reason: format!(
+                "static cellcheck-driver did not build ({}): {}",
+                res.status,
+                String::from_utf8_lossy(&res.stderr)
+                    .lines()
+                    .rev()
+                    .take(8)
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            ),
+        });
+    }
+    let tmp = out.with_extension("tmp");
+    fs::copy(
+        build_dir.join(target).join("release/cellcheck-driver"),
+        &tmp,
+    )
+    .map_err(|e| fail("copy", e))?;
+    fs::rename(&tmp, &out).map_err(|e| fail("install", e))?;
+    Ok(out)
+}
+
+fn newer_than(p: &Path, t: std::time::SystemTime) -> bool {
+    let Ok(md) = fs::metadata(p) else {
+        return false;
+    };
+    if md.is_dir() {
+        fs::read_dir(p)
+            .map(|rd| rd.flatten().any(|e| newer_than(&e.path(), t)))
+            .unwrap_or(false)
+    } else {
+        md.modified().map(|m| m > t).unwrap_or(false)
+    }
+}
+
+/// FNV-1a: a stable short name for an inner id (ids may be 128 characters; ours get a prefix).
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// The outer cell's driver: the outer cell's workload, a host pid we know (and its start time, so a
+/// reused pid is never signalled).
+struct OuterPeer {
+    pid: u32,
+    start: Option<u64>,
+}
+
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; starttime is field 22 overall.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    if fields.first() == Some(&"Z") {
+        return None;
+    }
+    fields.get(19)?.parse().ok()
+}
+
+impl Peer for OuterPeer {
+    fn kill(&self) {
+        if self.start.is_some() && start_time(self.pid) == self.start {
+            // SAFETY: signalling the driver process of an outer cell we created (start time checked).
+            unsafe {
+                libc::kill(self.pid as i32, libc::SIGKILL);
+            }
+        }
+    }
+    fn ended(&self, grace: Duration) -> Option<String> {
+        let end = Instant::now() + grace;
+        loop {
+            if start_time(self.pid) != self.start {
+                return Some("in the outer cell exited".into());
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// The host pid of the process that the driver (host pid `driver`) sees as `ns_pid`: a descendant
+/// of the driver whose pid one namespace level below the host's is `ns_pid`.
+fn host_pid_of(driver: u32, ns_pid: u32) -> Option<u32> {
+    let parent_of = |pid: u32| -> Option<u32> {
+        let st = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        st.lines()
+            .find_map(|l| l.strip_prefix("PPid:"))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    for e in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(st) = fs::read_to_string(e.path().join("status")) else {
+            continue;
+        };
+        let Some(nspid) = st.lines().find_map(|l| l.strip_prefix("NSpid:")) else {
+            continue;
+        };
+        let levels: Vec<u32> = nspid
+            .split_whitespace()
+            .filter_map(|v| v.parse().ok())
+            .collect();
+        if levels.get(1) != Some(&ns_pid) {
+            continue;
+        }
+        let mut p = pid;
+        for _ in 0..64 {
+            match parent_of(p) {
+                Some(pp) if pp == driver => return Some(pid),
+                Some(pp) if pp > 1 => p = pp,
+                _ => break,
+            }
+        }
+    }
+    None
+}
+
+enum Slot {
+    Creating,
+    Live(Arc<NestedCell>),
+}
+
+struct NestedCell {
+    outer_id: String,
+    conn: Conn,
+    timeout_ms: Option<u64>,
+    ttl: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+struct Inner {
+    name: String,
+    instance: String,
+    /// Host side of `/run/nest`.
+    root: PathBuf,
+    driver: PathBuf,
+    outer: Option<HostBackend>,
+    caps: Capabilities,
+    opts: RemoteOptions,
+    cells: Mutex<HashMap<String, Slot>>,
+}
+
+/// The nested backend. Cheap to clone; clones share their cells.
+#[derive(Clone)]
+pub struct NestedBackend {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl NestedBackend {
+    /// A nested backend over the built fixtures (builds the static driver if needed).
+    pub fn from_fixtures(fx: &cellcheck_fixtures::Fixtures) -> Result<Self, CellError> {
+        let driver = ensure_static_driver(fx)?;
+        Ok(Self::new(fx, driver, RemoteOptions::default()))
+    }
+
+    /// `driver` must be a static `cellcheck-driver` inside `fx.dir` (it is reached through the
+    /// fixtures bind).
+    pub fn new(fx: &cellcheck_fixtures::Fixtures, driver: PathBuf, opts: RemoteOptions) -> Self {
+        let instance = format!(
+            "nest{}-{:06x}",
+            std::process::id(),
+            rand::random::<u32>() >> 8
+        );
+        let root = PathBuf::from("/run/cellcheck/nested").join(&instance);
+        let mut cfg = HostConfig::from_fixtures(fx);
+        cfg.name = "nested-outer".into();
+        cfg.extra_binds = vec![
+            BindMount {
+                source: "/sys/fs/cgroup".into(),
+                target: "/sys/fs/cgroup".into(),
+                readonly: false,
+            },
+            BindMount {
+                source: fx.dir.clone(),
+                target: FIXTURES_IN_CELL.into(),
+                readonly: true,
+            },
+            BindMount {
+                source: root.clone(),
+                target: NEST_IN_CELL.into(),
+                readonly: false,
+            },
+        ];
+        let outer = HostBackend::new(cfg);
+        let caps = Self::inner_caps(&instance);
+        NestedBackend {
+            inner: Arc::new(Inner {
+                name: "nested".into(),
+                instance,
+                root,
+                driver,
+                outer: Some(outer),
+                caps,
+                opts,
+                cells: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// The inner backend's capabilities: those of the host backend, as the driver will declare.
+    fn inner_caps(instance: &str) -> Capabilities {
+        let probe = HostBackend::new(inner_config(&format!("{instance}-caps")));
+        let mut caps = probe.capabilities();
+        if let cellcheck_contract::Support::Unsupported { .. } = caps.support(Capability::Snapshot)
+        {
+            caps = caps.without(
+                Capability::Snapshot,
+                "nested host cells do not snapshot (no CRIU in the cell's root)",
+            );
+        }
+        caps
+    }
+
+    fn outer(&self) -> &HostBackend {
+        self.inner
+            .outer
+            .as_ref()
+            .expect("outer backend lives as long as the nested one")
+    }
+
+    /// The outer cell that carries inner cell `id`.
+    pub fn outer_id(&self, id: &str) -> String {
+        format!("{}-{:016x}", self.inner.instance, fnv(id))
+    }
+
+    fn socket(&self, outer_id: &str) -> PathBuf {
+        self.inner
+            .root
+            .join("sock")
+            .join(format!("{outer_id}.sock"))
+    }
+
+    fn live(&self, id: &str) -> Result<Arc<NestedCell>, CellError> {
+        match lock(&self.inner.cells).get(id) {
+            Some(Slot::Live(c)) => Ok(c.clone()),
+            _ => Err(CellError::cell_not_found(id)),
+        }
+    }
+
+    /// The inner backend's footprint of `id`, with paths as the host sees them.
+    fn inner_footprint(&self, id: &str) -> Footprint {
+        let outer_id = self.outer_id(id);
+        let mut f = inner_footprint_in_cell(&outer_id, id);
+        f.paths = f
+            .paths
+            .into_iter()
+            .map(|p| match p.strip_prefix(NEST_IN_CELL) {
+                Ok(rest) => self.inner.root.join(rest),
+                Err(_) => p,
+            })
+            .collect();
+        f
+    }
+
+    fn outer_stderr(&self, outer_id: &str) -> String {
+        let p = self.outer().state_dir(outer_id).join("stderr");
+        let s = fs::read_to_string(p).unwrap_or_default();
+        let tail: String = s
+            .chars()
+            .rev()
+            .take(600)
+            .collect::<Vec<_>>()
+            .into_iter()
+            .rev()
+            .collect();
+        if tail.trim().is_empty() {
+            String::new()
+        } else {
+            format!("; driver stderr: {:?}", tail.trim())
+        }
+    }
+
+    /// Start the outer cell and its driver, and connect. On error nothing is left.
+    async fn open(&self, outer_id: &str) -> Result<Conn, CellError> {
+        let sock_dir = self.inner.root.join("sock");
+        let state_dir = self.inner.root.join("state").join(outer_id);
+        for d in [&sock_dir, &state_dir] {
+            fs::create_dir_all(d)
+                .map_err(|e| CellError::failure(format!("create {}: {e}", d.display())))?;
+        }
+        let sock = self.socket(outer_id);
+        let _ = fs::remove_file(&sock);
+        let listener = tokio::net::UnixListener::bind(&sock)
+            .map_err(|e| CellError::failure(format!("listen on {}: {e}", sock.display())))?;
+        let driver_in_cell = Path::new(FIXTURES_IN_CELL).join(
+            self.inner
+                .driver
+                .strip_prefix(
+                    &self
+                        .outer()
+                        .config()
+                        .rootfs
+                        .parent()
+                        .unwrap_or(Path::new("/")),
+                )
+                .unwrap_or(Path::new("bin/cellcheck-driver")),
+        );
+        let inner_cfg = inner_config(outer_id);
+        let doc = CellDocument::new(
+            outer_id,
+            [
+                driver_in_cell.display().to_string(),
+                "--connect".into(),
+                format!("{NEST_IN_CELL}/sock/{outer_id}.sock"),
+                "host".into(),
+                "--rootfs".into(),
+                inner_cfg.rootfs.display().to_string(),
+                "--init".into(),
+                inner_cfg.init.display().to_string(),
+                "--state-root".into(),
+                inner_cfg.state_root.display().to_string(),
+                "--name".into(),
+                inner_cfg.name.clone(),
+            ],
+        )
+        .with_env("CELLCHECK_NESTED_OUTER", outer_id);
+        let handle = match self.outer().create(&doc).await {
+            Ok(h) => h,
+            Err(e) => {
+                self.sweep(outer_id, None);
+                return Err(CellError::failure(format!("outer cell {outer_id}: {e}")));
+            }
+        };
+        let accepted =
+            tokio::time::timeout(self.inner.opts.deadlines.handshake, listener.accept()).await;
+        let stream = match accepted {
+            Ok(Ok((s, _))) => s
+                .into_std()
+                .and_then(|s| s.set_nonblocking(false).map(|_| s)),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(std::io::Error::other(format!(
+                "the driver did not connect within {} ms",
+                self.inner.opts.deadlines.handshake.as_millis()
+            ))),
+        };
+        drop(listener);
+        let _ = fs::remove_file(&sock);
+        let stream = match stream {
+            Ok(s) => s,
+            Err(e) => {
+                let why = format!("outer cell {outer_id}: {e}{}", self.outer_stderr(outer_id));
+                self.teardown_outer(outer_id, None).await;
+                return Err(CellError::failure(why));
+            }
+        };
+        let reader = stream
+            .try_clone()
+            .map_err(|e| CellError::failure(format!("socket: {e}")))?;
+        let pid = handle.host_pid.unwrap_or(0);
+        let conn = Conn::start(
+            format!("nested driver in {outer_id} (pid {pid})"),
+            Box::new(reader),
+            Box::new(stream),
+            Box::new(OuterPeer {
+                pid,
+                start: start_time(pid),
+            }),
+            self.inner.opts.tap.clone(),
+        );
+        if let Err(e) = client::handshake(&conn, &self.inner.opts.deadlines).await {
+            conn.close(Duration::from_secs(2));
+            self.teardown_outer(outer_id, None).await;
+            return Err(e);
+        }
+        Ok(conn)
+    }
+
+    /// Destroy the outer cell and remove what is left of the inner cell `inner_id`.
+    async fn teardown_outer(&self, outer_id: &str, inner_id: Option<&str>) {
+        match self.outer().destroy(outer_id).await {
+            Ok(_) | Err(CellError::NotFound { .. }) => {}
+            Err(e) => eprintln!("{}: destroy outer cell {outer_id}: {e}", self.inner.name),
+        }
+        self.sweep(outer_id, inner_id);
+    }
+
+    /// Remove what a dead driver could not: the inner cell's cgroups and state, our socket.
+    fn sweep(&self, outer_id: &str, inner_id: Option<&str>) {
+        if let Some(id) = inner_id {
+            let f = self.inner_footprint(id);
+            for d in &f.cgroup_dirs {
+                let _ = fs::remove_dir(d);
+            }
+            for p in &f.paths {
+                let _ = fs::remove_dir_all(p);
+            }
+        }
+        let _ = fs::remove_file(self.socket(outer_id));
+        let _ = fs::remove_dir_all(self.inner.root.join("state").join(outer_id));
+    }
+
+    async fn destroy_cell(&self, id: &str, cell: Arc<NestedCell>) -> Result<bool, CellError> {
+        if let Some(t) = lock(&cell.ttl).take() {
+            t.abort();
+        }
+        let inner = client::destroy(&cell.conn, &self.inner.opts.deadlines, id).await;
+        // The driver destroys anything left and exits when its input closes.
+        cell.conn.close(Duration::from_secs(10));
+        self.teardown_outer(&cell.outer_id, Some(id)).await;
+        match inner {
+            Ok(r) => Ok(r.killed_running),
+            Err(e @ CellError::NotFound { .. }) => Err(e),
+            Err(e) => {
+                // The outer cell took everything with it; say so, but the cell is gone.
+                eprintln!(
+                    "{}: inner destroy of {id} failed ({e}); removed with its outer cell",
+                    self.inner.name
+                );
+                Ok(true)
+            }
+        }
+    }
+}
+
+/// The inner backend's configuration, as the driver in the outer cell runs it.
+fn inner_config(outer_id: &str) -> HostConfig {
+    let mut c = HostConfig::new(
+        format!("{FIXTURES_IN_CELL}/bin/cellcheck-host-init"),
+        format!("{FIXTURES_IN_CELL}/rootfs"),
+    );
+    c.state_root = PathBuf::from(format!("{NEST_IN_CELL}/state/{outer_id}"));
+    c.name = "nested-inner".into();
+    c
+}
+
+/// The inner footprint as the inner backend computes it (paths inside the outer cell).
+fn inner_footprint_in_cell(outer_id: &str, id: &str) -> Footprint {
+    HostBackend::new(inner_config(outer_id)).footprint(id)
+}
+
+fn merge(mut a: Footprint, b: Footprint) -> Footprint {
+    a.process_markers.extend(b.process_markers);
+    a.cgroup_dirs.extend(b.cgroup_dirs);
+    a.paths.extend(b.paths);
+    a.mount_markers.extend(b.mount_markers);
+    a.netns.extend(b.netns);
+    a
+}
+
+async fn ttl_reap(weak: Weak<Inner>, id: String, after: Duration) {
+    tokio::time::sleep(after).await;
+    let Some(inner) = weak.upgrade() else { return };
+    let b = NestedBackend { inner };
+    let cell = {
+        let mut cells = lock(&b.inner.cells);
+        match cells.get(&id) {
+            Some(Slot::Live(c)) => {
+                let c = c.clone();
+                cells.remove(&id);
+                c
+            }
+            _ => return,
+        }
+    };
+    // Not through destroy_cell: that would abort this very task.
+    let _ = client::destroy(&cell.conn, &b.inner.opts.deadlines, &id).await;
+    cell.conn.close(Duration::from_secs(10));
+    b.teardown_outer(&cell.outer_id, Some(&id)).await;
+}
+
+#[async_trait]
+impl Backend for NestedBackend {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn capabilities(&self) -> Capabilities {
+        self.inner.caps.clone()
+    }
+
+    fn attributes(&self) -> BTreeMap<String, String> {
+        let mut a = self.outer().attributes();
+        a.insert(
+            "layers".into(),
+            "host cell > cellcheck-driver host > host cell".into(),
+        );
+        a.insert("channel".into(), "unix socket in a bound directory".into());
+        a
+    }
+
+    async fn preflight(&self) -> Availability {
+        // The outer backend's own trial cell gets our binds too, so their sources must exist.
+        if let Err(e) = fs::create_dir_all(self.inner.root.join("sock")) {
+            return Availability::Unavailable {
+                reason: format!("create {}: {e}", self.inner.root.display()),
+            };
+        }
+        let outer = self.outer().preflight().await;
+        if let Availability::Unavailable { reason } = outer {
+            return Availability::Unavailable {
+                reason: format!("outer host backend: {reason}"),
+            };
+        }
+        if !self.inner.driver.exists() {
+            return Availability::Unavailable {
+                reason: format!("static driver missing at {}", self.inner.driver.display()),
+            };
+        }
+        let id = format!("preflight-{:08x}", rand::random::<u32>());
+        let t0 = Instant::now();
+        let res = match self.create(&CellDocument::new(&id, ["/bin/true"])).await {
+            Ok(_) => {
+                let r = self.wait(&id).await;
+                let _ = self.destroy(&id).await;
+                r
+            }
+            Err(e) => Err(e),
+        };
+        match res {
+            Ok(r) if r.code() == Some(0) => Availability::Available {
+                evidence: format!(
+                    "/bin/true in a host cell inside a host cell exited 0 in {} ms",
+                    t0.elapsed().as_millis()
+                ),
+            },
+            Ok(r) => Availability::Unavailable {
+                reason: format!("nested /bin/true ended with {:?}", r.termination),
+            },
+            Err(e) => Availability::Unavailable {
+                reason: format!("nested /bin/true: {e}"),
+            },
+        }
+    }
+
+    async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
+        let cell = doc.admit()?;
+        let id = cell.id().to_string();
+        {
+            let mut cells = lock(&self.inner.cells);
+            if cells.contains_key(&id) {
+                return Err(CellError::AlreadyExists { id });
+            }
+            cells.insert(id.clone(), Slot::Creating);
+        }
+        let outer_id = self.outer_id(&id);
+        let res = async {
+            let conn = self.open(&outer_id).await?;
+            match client::create(&conn, &self.inner.opts.deadlines, doc).await {
+                Ok(h) => Ok((conn, h)),
+                Err(e) => {
+                    conn.close(Duration::from_secs(10));
+                    self.teardown_outer(&outer_id, Some(&id)).await;
+                    Err(e)
+                }
+            }
+        }
+        .await;
+        let (conn, h) = match res {
+            Ok(v) => v,
+            Err(e) => {
+                lock(&self.inner.cells).remove(&id);
+                return Err(e);
+            }
+        };
+        let host_pid = match (h.host_pid, conn_driver_pid(&conn)) {
+            (Some(p), Some(d)) => host_pid_of(d, p),
+            _ => None,
+        };
+        let nc = Arc::new(NestedCell {
+            outer_id,
+            conn,
+            timeout_ms: cell.timeout_ms(),
+            ttl: Mutex::new(None),
+        });
+        if let Some(ttl) = cell.ttl_seconds() {
+            let t = tokio::spawn(ttl_reap(
+                Arc::downgrade(&self.inner),
+                id.clone(),
+                Duration::from_secs(ttl),
+            ));
+            *lock(&nc.ttl) = Some(t);
+        }
+        lock(&self.inner.cells).insert(id.clone(), Slot::Live(nc));
+        Ok(CellHandle { id, host_pid })
+    }
+
+    async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
+        let c = self.live(id)?;
+        let deadline = self.inner.opts.deadlines.for_bounded(c.timeout_ms);
+        client::wait(&c.conn, deadline, id).await
+    }
+
+    async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
+        let cell = {
+            let mut cells = lock(&self.inner.cells);
+            match cells.get(id) {
+                Some(Slot::Live(_)) => match cells.remove(id) {
+                    Some(Slot::Live(c)) => c,
+                    _ => unreachable!("checked under the same lock"),
+                },
+                _ => return Err(CellError::cell_not_found(id)),
+            }
+        };
+        let killed_running = self.destroy_cell(id, cell).await?;
+        let remaining_cells = lock(&self.inner.cells)
+            .values()
+            .filter(|s| matches!(s, Slot::Live(_)))
+            .count();
+        Ok(TeardownReport {
+            id: id.to_string(),
+            killed_running,
+            remaining_cells,
+        })
+    }
+
+    fn footprint(&self, id: &str) -> Footprint {
+        let outer_id = self.outer_id(id);
+        let mut f = merge(self.inner_footprint(id), self.outer().footprint(&outer_id));
+        f.paths.push(self.socket(&outer_id));
+        f.paths.push(self.inner.root.join("state").join(&outer_id));
+        f
+    }
+
+    async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
+        self.inner.caps.require(Capability::Exec)?;
+        let c = self.live(id)?;
+        client::exec(&c.conn, &self.inner.opts.deadlines, id, &req).await
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), CellError> {
+        self.inner.caps.require(Capability::Pause)?;
+        let c = self.live(id)?;
+        client::pause(&c.conn, &self.inner.opts.deadlines, id).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), CellError> {
+        self.inner.caps.require(Capability::Pause)?;
+        let c = self.live(id)?;
+        client::resume(&c.conn, &self.inner.opts.deadlines, id).await
+    }
+
+    async fn list(&self) -> Vec<String> {
+        let mut ids: Vec<String> = lock(&self.inner.cells)
+            .iter()
+            .filter(|(_, s)| matches!(s, Slot::Live(_)))
+            .map(|(k, _)| k.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+}
+
+/// The driver's host pid, from the connection's label ("... (pid N)").
+fn conn_driver_pid(conn: &Conn) -> Option<u32> {
+    let l = conn.label();
+    let at = l.rfind("(pid ")? + 5;
+    l[at..]
+        .trim_end_matches(')')
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let cells: Vec<(String, Arc<NestedCell>)> = lock(&self.cells)
+            .drain()
+            .filter_map(|(id, s)| match s {
+                Slot::Live(c) => Some((id, c)),
+                Slot::Creating => None,
+            })
+            .collect();
+        for (_, c) in &cells {
+            c.conn.close(Duration::from_secs(5));
+        }
+        // Dropping the outer backend destroys every outer cell it still tracks.
+        drop(self.outer.take());
+        for (id, c) in &cells {
+            let mut f = inner_footprint_in_cell(&c.outer_id, id);
+            f.paths.clear();
+            for d in &f.cgroup_dirs {
+                let _ = fs::remove_dir(d);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.root);
+    }
+}
