@@ -33,6 +33,8 @@ pub enum Fault {
     LeaveStateFile,
     /// A second destroy of the same id panics instead of returning NotFound.
     PanicOnDoubleDestroy,
+    /// `wait` never returns (a hung backend).
+    HangOnWait,
 }
 
 pub struct FaultyBackend {
@@ -194,6 +196,9 @@ impl Backend for FaultyBackend {
     }
 
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
+        if self.fault == Fault::HangOnWait {
+            std::future::pending::<()>().await;
+        }
         let mut r = self.inner.wait(id).await?;
         if self.fault == Fault::MisreportExit {
             if let Termination::Exited { code } = r.termination {

@@ -59,4 +59,4 @@ pub mod scenarios;
 mod suite;
 
 pub use harness::{Ctx, Failure, Scenario};
-pub use suite::{run_scenario, Suite};
+pub use suite::{run_scenario, run_scenario_bounded, Suite};

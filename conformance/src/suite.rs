@@ -367,12 +367,24 @@ fn make_trial(
 /// Run one scenario (`"family::scenario"`) against `backend` outside libtest, with the same
 /// bounds, cleanup and residue checks as a trial. For self-tests of the suite.
 pub fn run_scenario(backend: Arc<dyn Backend>, path: &str) -> Result<(), String> {
+    run_scenario_bounded(backend, path, None)
+}
+
+/// [`run_scenario`] with another bound than the scenario's own.
+pub fn run_scenario_bounded(
+    backend: Arc<dyn Backend>,
+    path: &str,
+    bound: Option<std::time::Duration>,
+) -> Result<(), String> {
     crate::ids::canary();
     harness::sentinels();
-    let sc = crate::scenarios::all()
+    let mut sc = crate::scenarios::all()
         .into_iter()
         .find(|s| s.path() == path)
         .ok_or_else(|| format!("no scenario named {path}"))?;
+    if let Some(b) = bound {
+        sc.timeout = b;
+    }
     let r = runtime().block_on(harness::run_scenario_async(backend, sc));
     if r.passed {
         Ok(())

@@ -3,9 +3,10 @@
 
 use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use cellcheck_conformance::faulty::{Fault, FaultyBackend};
-use cellcheck_conformance::{ids, run_scenario};
+use cellcheck_conformance::{ids, run_scenario, run_scenario_bounded};
 use cellcheck_contract::Backend;
 use libtest_mimic::{Arguments, Failed, Trial};
 
@@ -61,6 +62,9 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
         &["lifecycle::double_destroy"],
         |_| vec!["panicked".into()],
     ),
+    (Fault::HangOnWait, &["exit::code_42"], |_| {
+        vec!["did not finish within 20 s".into()]
+    }),
 ];
 
 fn pid_alive(pid: u32) -> bool {
@@ -74,7 +78,8 @@ fn fault_trial(fault: Fault, scenarios: &'static [&'static str], needles: Needle
         let mut problems = Vec::new();
         for sc in scenarios {
             let faulty = Arc::new(FaultyBackend::new(host(), fault));
-            let verdict = run_scenario(faulty.clone(), sc);
+            // A short bound, so the hung-backend case fails in seconds, not minutes.
+            let verdict = run_scenario_bounded(faulty.clone(), sc, Some(Duration::from_secs(20)));
             let wanted = needles(&faulty);
             let leaked = faulty.leaked_pids();
             let cleaned = faulty.cleanup_created();
