@@ -468,7 +468,7 @@ impl NestedBackend {
         let conn = Conn::start(
             format!("nested driver in {outer_id} (pid {pid})"),
             Box::new(reader),
-            Box::new(stream),
+            Box::new(SocketWriter(stream)),
             Box::new(OuterPeer {
                 pid,
                 start: start_time(pid),
@@ -755,6 +755,25 @@ impl Backend for NestedBackend {
             .collect();
         ids.sort();
         ids
+    }
+}
+
+/// The write half of the driver's socket: dropping it shuts the direction down, so the driver sees
+/// end of input even though the reader still holds the socket.
+struct SocketWriter(std::os::unix::net::UnixStream);
+
+impl std::io::Write for SocketWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.write(b)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl Drop for SocketWriter {
+    fn drop(&mut self) {
+        let _ = self.0.shutdown(std::net::Shutdown::Write);
     }
 }
 

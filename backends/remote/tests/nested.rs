@@ -144,3 +144,26 @@ async fn dropping_the_backend_removes_both_layers() {
     drop(b);
     assert_no_residue(&fp, &id);
 }
+
+#[tokio::test]
+#[ignore = "timing breakdown, run by hand"]
+async fn timing_breakdown() {
+    let t = std::time::Instant::now();
+    let Some((b, _tap)) = nested() else { return };
+    eprintln!("setup {:?}", t.elapsed());
+    let id = unique_id("nest-time");
+    let t = std::time::Instant::now();
+    b.create(&CellDocument::new(&id, ["/bin/true"]))
+        .await
+        .unwrap();
+    eprintln!("create {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    b.wait(&id).await.unwrap();
+    eprintln!("wait {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    b.destroy(&id).await.unwrap();
+    eprintln!("destroy {:?}", t.elapsed());
+    let t = std::time::Instant::now();
+    drop(b);
+    eprintln!("drop {:?}", t.elapsed());
+}
