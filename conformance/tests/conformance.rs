@@ -9,11 +9,29 @@ use cellcheck_conformance::Suite;
 
 /// Every built-in backend, registered by factory (constructed lazily, once per process).
 fn builtin(suite: Suite) -> Suite {
-    suite.backend_with_fixtures("host", |fx| {
-        Arc::new(cellcheck_host::HostBackend::new(
-            cellcheck_host::HostConfig::from_fixtures(fx),
-        ))
-    })
+    let suite = suite
+        .backend_with_fixtures("host", |fx| {
+            Arc::new(cellcheck_host::HostBackend::new(
+                cellcheck_host::HostConfig::from_fixtures(fx),
+            ))
+        })
+        .backend_with_fixtures("nested", cellcheck_remote::nested::NestedBackend::for_suite)
+        .backend_with_fixtures("remote-python", |fx| {
+            cellcheck_remote::remote_or_unavailable(
+                "remote-python",
+                cellcheck_remote::python_runc_driver_argv(fx),
+            )
+        });
+    // Any other driver: CELLCHECK_REMOTE_DRIVER="cmd args" runs as backend `remote`.
+    match std::env::var(cellcheck_remote::DRIVER_ENV) {
+        Ok(cmd) if !cmd.trim().is_empty() => suite.backend_with_fixtures("remote", move |_| {
+            cellcheck_remote::remote_or_unavailable(
+                "remote",
+                cmd.split_whitespace().map(String::from).collect(),
+            )
+        }),
+        _ => suite,
+    }
 }
 
 fn main() -> ExitCode {

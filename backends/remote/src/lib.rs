@@ -298,3 +298,75 @@ impl Backend for RemoteBackend {
         }
     }
 }
+
+/// Stands in for a backend that could not be constructed (driver missing, handshake failed), so a
+/// suite lists its trials as skipped with the reason instead of losing them.
+pub struct UnavailableBackend {
+    name: String,
+    reason: String,
+}
+
+impl UnavailableBackend {
+    pub fn new(name: impl Into<String>, reason: impl Into<String>) -> Self {
+        UnavailableBackend {
+            name: name.into(),
+            reason: reason.into(),
+        }
+    }
+
+    fn err(&self) -> CellError {
+        CellError::Unavailable {
+            reason: self.reason.clone(),
+        }
+    }
+}
+
+#[async_trait]
+impl Backend for UnavailableBackend {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn capabilities(&self) -> Capabilities {
+        Capabilities::default()
+    }
+    async fn preflight(&self) -> Availability {
+        Availability::Unavailable {
+            reason: self.reason.clone(),
+        }
+    }
+    async fn create(&self, _doc: &CellDocument) -> Result<CellHandle, CellError> {
+        Err(self.err())
+    }
+    async fn wait(&self, _id: &str) -> Result<ExitReport, CellError> {
+        Err(self.err())
+    }
+    async fn destroy(&self, _id: &str) -> Result<TeardownReport, CellError> {
+        Err(self.err())
+    }
+    fn footprint(&self, _id: &str) -> Footprint {
+        Footprint::default()
+    }
+    async fn list(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// The command line of the example Python driver (runc) over the fixture rootfs.
+pub fn python_runc_driver_argv(fx: &cellcheck_fixtures::Fixtures) -> Vec<String> {
+    let script = cellcheck_fixtures::workspace_root()
+        .join("fixtures/python-driver/cellcheck_runc_driver.py");
+    vec![
+        "python3".into(),
+        script.display().to_string(),
+        "--rootfs".into(),
+        fx.rootfs.display().to_string(),
+    ]
+}
+
+/// Suite factory: `name` served by `argv`, or an [`UnavailableBackend`] saying why not.
+pub fn remote_or_unavailable(name: &str, argv: Vec<String>) -> Arc<dyn Backend> {
+    match RemoteBackend::new(name, argv) {
+        Ok(b) => Arc::new(b),
+        Err(e) => Arc::new(UnavailableBackend::new(name, e.to_string())),
+    }
+}

@@ -271,6 +271,14 @@ impl NestedBackend {
         Ok(Self::new(fx, driver, RemoteOptions::default()))
     }
 
+    /// Suite factory: the nested backend, or an unavailable stand-in saying why it cannot be built.
+    pub fn for_suite(fx: &cellcheck_fixtures::Fixtures) -> Arc<dyn Backend> {
+        match Self::from_fixtures(fx) {
+            Ok(b) => Arc::new(b),
+            Err(e) => Arc::new(crate::UnavailableBackend::new("nested", e.to_string())),
+        }
+    }
+
     /// `driver` must be a static `cellcheck-driver` inside `fx.dir` (it is reached through the
     /// fixtures bind).
     pub fn new(fx: &cellcheck_fixtures::Fixtures, driver: PathBuf, opts: RemoteOptions) -> Self {
