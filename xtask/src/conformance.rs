@@ -353,22 +353,21 @@ pub fn run(args: &[String]) -> Result<bool> {
         unusable.keys().cloned().collect::<Vec<_>>().join(", ")
     );
 
-    // List everything (unusable backends too, so their trials can be shown as skipped).
-    let mut all: Vec<String> = chosen.clone();
-    all.extend(unusable.keys().cloned());
-    let listed = if all.is_empty() {
+    // The run's own trials are listed with exactly the run's env and partition, so the
+    // selection matches what nextest will run; unusable backends are listed apart, only to
+    // show their trials as skipped.
+    let mut listed = if chosen.is_empty() {
         Vec::new()
     } else {
-        list_trials(&suite_env(&all, &class, false), opts.partition)?
+        list_trials(&suite_env(&chosen, &class, opts.strict), opts.partition)?
     };
-    let listed: Vec<Listed> = listed
-        .into_iter()
-        .map(|mut l| {
-            let b = l.name.split("::").next().unwrap_or_default();
-            l.selected &= chosen.iter().any(|c| c == b);
-            l
-        })
-        .collect();
+    if !unusable.is_empty() {
+        let names: Vec<String> = unusable.keys().cloned().collect();
+        for mut l in list_trials(&suite_env(&names, &class, false), None)? {
+            l.selected = false;
+            listed.push(l);
+        }
+    }
     let to_run = listed.iter().filter(|l| l.selected).count();
 
     let results_path = dir.join("results.jsonl");
