@@ -7,6 +7,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::Result;
+use cellcheck_contract::Availability;
+use cellcheck_qemu::Accel;
 
 use super::ProbeRow;
 use crate::util::run_bounded;
@@ -307,7 +309,12 @@ pub fn backend_rows() -> Result<BTreeMap<String, ProbeRow>> {
                     ProbeRow::absent(format!("no fixtures to run: {e}")),
                 );
             }
-            rows.extend(temporary_accelerator_rows_until_qemu_lands());
+            for n in ["kvm", "qemu-tcg"] {
+                rows.insert(
+                    n.to_string(),
+                    ProbeRow::absent(format!("no guest to boot: {e}")),
+                );
+            }
             return Ok(rows);
         }
     };
@@ -318,12 +325,14 @@ pub fn backend_rows() -> Result<BTreeMap<String, ProbeRow>> {
     let runc = OciBackend::runc(OciConfig::from_fixtures(&fx));
     let crun = OciBackend::crun(OciConfig::from_fixtures(&fx));
     let runsc = OciBackend::runsc(OciConfig::from_fixtures(&fx));
-    let (h, a, b, c) = rt.block_on(async {
+    let (h, a, b, c, kvm, tcg) = rt.block_on(async {
         tokio::join!(
             bounded(&host),
             bounded(&runc),
             bounded(&crun),
-            bounded(&runsc)
+            bounded(&runsc),
+            accelerator(Accel::Kvm),
+            accelerator(Accel::Tcg)
         )
     });
     for (name, row) in [
@@ -334,14 +343,14 @@ pub fn backend_rows() -> Result<BTreeMap<String, ProbeRow>> {
     ] {
         rows.insert(name.to_string(), row);
     }
-    rows.extend(temporary_accelerator_rows_until_qemu_lands());
+    rows.insert("kvm".to_string(), kvm);
+    rows.insert("qemu-tcg".to_string(), tcg);
     Ok(rows)
 }
 
 const PREFLIGHT_BOUND: Duration = Duration::from_secs(120);
 
 async fn bounded(b: &dyn cellcheck_contract::Backend) -> ProbeRow {
-    use cellcheck_contract::Availability;
     let t0 = std::time::Instant::now();
     match tokio::time::timeout(PREFLIGHT_BOUND, b.preflight()).await {
         Ok(Availability::Available { evidence }) => ProbeRow::present(format!(
@@ -356,21 +365,22 @@ async fn bounded(b: &dyn cellcheck_contract::Backend) -> ProbeRow {
     }
 }
 
-/// TEMPORARY until cellcheck-qemu exposes `probe_accelerator`: no guest is booted, so both rows
-/// read absent and say so.
-fn temporary_accelerator_rows_until_qemu_lands() -> BTreeMap<String, ProbeRow> {
-    let kvm = if Path::new("/dev/kvm").exists() {
-        "/dev/kvm present, but no guest was booted to test it (accelerator probe not in this build)"
-    } else {
-        "no /dev/kvm"
-    };
-    BTreeMap::from([
-        ("kvm".to_string(), ProbeRow::absent(kvm)),
-        (
-            "qemu-tcg".to_string(),
-            ProbeRow::absent("no guest was booted (accelerator probe not in this build)"),
-        ),
-    ])
+/// The QEMU backend's own accelerator probe: a guest boots to its agent, or the row says what
+/// was seen instead (e.g. `/dev/kvm` present but the guest never reached the agent).
+async fn accelerator(a: Accel) -> ProbeRow {
+    let t0 = std::time::Instant::now();
+    match tokio::time::timeout(PREFLIGHT_BOUND, cellcheck_qemu::probe_accelerator(a)).await {
+        Ok(Availability::Available { evidence }) => ProbeRow::present(format!(
+            "guest booted in {} ms: {evidence}",
+            t0.elapsed().as_millis()
+        )),
+        Ok(Availability::Unavailable { reason }) => ProbeRow::absent(reason),
+        Err(_) => ProbeRow::absent(format!(
+            "{}: no answer within {} s",
+            a.as_str(),
+            PREFLIGHT_BOUND.as_secs()
+        )),
+    }
 }
 
 #[cfg(test)]
