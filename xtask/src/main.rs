@@ -55,7 +55,7 @@ fn main() -> ExitCode {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::FAILURE,
         Err(e) => {
-            eprintln!("error: {e:?}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }
