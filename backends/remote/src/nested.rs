@@ -818,5 +818,9 @@ impl Drop for Inner {
             }
         }
         let _ = fs::remove_dir_all(&self.root);
+        // The shared parent goes with the last instance (fails harmlessly while others live).
+        if let Some(parent) = self.root.parent() {
+            let _ = fs::remove_dir(parent);
+        }
     }
 }
