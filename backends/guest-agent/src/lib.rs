@@ -181,7 +181,7 @@ pub fn b64_encode(data: &[u8]) -> String {
 /// Decode standard base64 (padding required, no whitespace).
 pub fn b64_decode(text: &str) -> Result<Vec<u8>, String> {
     let bytes = text.as_bytes();
-    if bytes.len() % 4 != 0 {
+    if bytes.len() & 3 != 0 {
         return Err(format!(
             "base64 length {} is not a multiple of 4",
             bytes.len()

@@ -115,7 +115,7 @@ fn loopback_up() -> io::Result<()> {
 }
 
 fn open_channel() -> io::Result<fs::File> {
-    use nix::sys::termios::{self, BaudRate, ControlFlags, FlushArg, SetArg};
+    use nix::sys::termios::{self, ControlFlags, FlushArg, SetArg};
     use std::os::unix::fs::OpenOptionsExt;
     let f = fs::OpenOptions::new()
         .read(true)
@@ -127,7 +127,6 @@ fn open_channel() -> io::Result<fs::File> {
     termios::cfmakeraw(&mut t);
     t.control_flags |= ControlFlags::CLOCAL | ControlFlags::CREAD;
     t.control_flags &= !ControlFlags::CRTSCTS;
-    let _ = termios::cfsetspeed(&mut t, BaudRate::B115200);
     termios::tcsetattr(&f, SetArg::TCSANOW, &t).map_err(io::Error::from)?;
     // Drop whatever the host wrote before we listened; it retries its hello.
     let _ = termios::tcflush(&f, FlushArg::TCIFLUSH);
@@ -160,6 +159,10 @@ struct Agent {
     next_job: u32,
     waits: Vec<PendingWait>,
     cgroup: bool,
+    /// The workload's pid and mount namespaces, which execs join (like `runc exec`).
+    workload_ns: Option<(OwnedFd, OwnedFd)>,
+    /// The agent's own pid namespace, to return to after forking into the workload's.
+    own_pidns: Option<OwnedFd>,
 }
 
 impl Agent {
@@ -172,6 +175,8 @@ impl Agent {
             next_job: WORKLOAD_JOB + 1,
             waits: Vec::new(),
             cgroup: false,
+            workload_ns: None,
+            own_pidns: fs::File::open("/proc/self/ns/pid").ok().map(OwnedFd::from),
         }
     }
 
@@ -400,7 +405,30 @@ impl Agent {
     ) -> Result<i32, ReplyBody> {
         let oom = if self.cgroup { oom_kills() } else { None };
         let cg = self.cgroup.then_some(CELL_CGROUP);
-        let (pid, out, errfd) = spawn(argv, env, cwd, cg)?;
+        let join = match (&self.workload_ns, &self.own_pidns) {
+            (Some((pidns, mntns)), Some(own)) if id != WORKLOAD_JOB => Some(Join {
+                pidns: pidns.as_raw_fd(),
+                mntns: mntns.as_raw_fd(),
+                own_pidns: own.as_raw_fd(),
+            }),
+            _ => None,
+        };
+        let (pid, out, errfd) = match spawn(argv, env, cwd, cg, join) {
+            // The workload's namespace died with its pid 1: the exec gets fresh ones instead.
+            Err(SpawnError::NamespaceGone) => spawn(argv, env, cwd, cg, None),
+            other => other,
+        }
+        .map_err(|e| match e {
+            SpawnError::Reply(b) => b,
+            SpawnError::NamespaceGone => {
+                err(ErrorKind::Io, "fork into a fresh pid namespace failed")
+            }
+        })?;
+        if id == WORKLOAD_JOB {
+            let ns =
+                |kind: &str| fs::File::open(format!("/proc/{pid}/ns/{kind}")).map(OwnedFd::from);
+            self.workload_ns = ns("pid").and_then(|p| Ok((p, ns("mnt")?))).ok();
+        }
         self.jobs.insert(
             id,
             Job {
@@ -611,6 +639,25 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// Namespaces an exec joins (fds held by the agent).
+struct Join {
+    pidns: RawFd,
+    mntns: RawFd,
+    own_pidns: RawFd,
+}
+
+enum SpawnError {
+    Reply(ReplyBody),
+    /// The workload's pid namespace cannot take new processes (its pid 1 has exited).
+    NamespaceGone,
+}
+
+impl From<ReplyBody> for SpawnError {
+    fn from(b: ReplyBody) -> Self {
+        SpawnError::Reply(b)
+    }
+}
+
 /// fork + execve with exactly `env` (declared order), stdin `/dev/null`, stdout/stderr pipes,
 /// fds beyond 2 closed on exec, its own session, in the cell cgroup. Exec failures come back
 /// through a close-on-exec pipe, so a missing program is an error here, not a exit code 127.
@@ -619,15 +666,17 @@ fn spawn(
     env: &[EnvPair],
     cwd: &str,
     cgroup: Option<&str>,
-) -> Result<(i32, OwnedFd, OwnedFd), ReplyBody> {
+    join: Option<Join>,
+) -> Result<(i32, OwnedFd, OwnedFd), SpawnError> {
     if argv.is_empty() {
-        return Err(err(ErrorKind::BadFrame, "argv must not be empty"));
+        return Err(err(ErrorKind::BadFrame, "argv must not be empty").into());
     }
     let Some(prog) = resolve(&argv[0], env) else {
         return Err(err(
             ErrorKind::ProgramNotFound,
             format!("{}: not found or not executable", argv[0]),
-        ));
+        )
+        .into());
     };
     let c_argv = cstrings(argv.iter().map(String::as_str))?;
     let pairs: Vec<String> = env
@@ -653,9 +702,39 @@ fn spawn(
 
     // SAFETY: the agent is single-threaded, so the child may run arbitrary code; still, it only
     // uses async-signal-safe calls on data prepared above, then execs or _exits.
-    let pid = unsafe { libc::fork() };
+    let pid = unsafe {
+        match &join {
+            // Children of ours land in the workload's pid namespace until we switch back.
+            Some(j) => {
+                if libc::setns(j.pidns, libc::CLONE_NEWPID) != 0 {
+                    return Err(SpawnError::NamespaceGone);
+                }
+                let pid = libc::fork();
+                let e = io::Error::last_os_error();
+                libc::setns(j.own_pidns, libc::CLONE_NEWPID);
+                if pid < 0 {
+                    // ENOMEM: the namespace's pid 1 is gone, nobody can enter it any more.
+                    return Err(if e.raw_os_error() == Some(libc::ENOMEM) {
+                        SpawnError::NamespaceGone
+                    } else {
+                        io_err("fork", e).into()
+                    });
+                }
+                pid
+            }
+            // Fork-like clone into new pid and mount namespaces: the child is their pid 1.
+            None => libc::syscall(
+                libc::SYS_clone,
+                libc::CLONE_NEWPID | libc::CLONE_NEWNS | libc::SIGCHLD,
+                0usize,
+                0usize,
+                0usize,
+                0usize,
+            ) as i32,
+        }
+    };
     if pid < 0 {
-        return Err(io_err("fork", io::Error::last_os_error()));
+        return Err(io_err("clone", io::Error::last_os_error()).into());
     }
     if pid == 0 {
         // SAFETY: child side; every pointer was prepared before fork and stays valid.
@@ -669,6 +748,33 @@ fn spawn(
             let mut mask: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut mask);
             libc::sigprocmask(libc::SIG_SETMASK, &mask, std::ptr::null_mut());
+            match &join {
+                Some(j) => {
+                    if libc::setns(j.mntns, libc::CLONE_NEWNS) != 0 {
+                        fail(5);
+                    }
+                }
+                None => {
+                    // A /proc of the new pid namespace, in a mount namespace of its own.
+                    if libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) != 0
+                        || libc::mount(
+                            c"proc".as_ptr(),
+                            c"/proc".as_ptr(),
+                            c"proc".as_ptr(),
+                            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                            std::ptr::null(),
+                        ) != 0
+                    {
+                        fail(5);
+                    }
+                }
+            }
             libc::setsid();
             if let Some(p) = &c_procs {
                 let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
@@ -712,14 +818,15 @@ fn spawn(
         // SAFETY: reaping the child that failed before exec.
         unsafe { libc::waitpid(pid, &mut st, 0) };
         let e = io::Error::from_raw_os_error(msg[1]);
-        return Err(match (msg[0], msg[1]) {
+        return Err(SpawnError::Reply(match (msg[0], msg[1]) {
             (4, libc::ENOENT | libc::EACCES | libc::ENOTDIR | libc::ENOEXEC) => {
                 err(ErrorKind::ProgramNotFound, format!("{}: {e}", argv[0]))
             }
             (1, _) => err(ErrorKind::Io, format!("join cell cgroup: {e}")),
             (3, _) => err(ErrorKind::Io, format!("chdir {cwd}: {e}")),
+            (5, _) => err(ErrorKind::Io, format!("cell namespaces: {e}")),
             _ => err(ErrorKind::Io, format!("exec {}: {e}", argv[0])),
-        });
+        }));
     }
     for fd in [&out_r, &err_r] {
         // SAFETY: setting O_NONBLOCK on fds we own.
