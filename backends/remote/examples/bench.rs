@@ -19,7 +19,9 @@ struct Samples {
 
 async fn round(b: &dyn Backend, id: &str, s: &mut Samples) {
     let t = Instant::now();
-    b.create(&CellDocument::new(id, ["/bin/true"])).await.expect("create");
+    b.create(&CellDocument::new(id, ["/bin/true"]))
+        .await
+        .expect("create");
     s.create.push(t.elapsed());
     let t = Instant::now();
     let r = b.wait(id).await.expect("wait");
@@ -37,7 +39,10 @@ fn median_us(v: &mut [Duration]) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let rounds: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(30);
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or(30);
     let fx = cellcheck_fixtures::ensure().expect("fixtures");
     let driver = cellcheck_fixtures::target_dir().join("debug/cellcheck-driver");
     let status = std::process::Command::new(std::env::var("CARGO").unwrap_or("cargo".into()))

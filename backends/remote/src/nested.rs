@@ -412,8 +412,7 @@ impl NestedBackend {
             self.inner
                 .driver
                 .strip_prefix(
-                    &self
-                        .outer()
+                    self.outer()
                         .config()
                         .rootfs
                         .parent()
