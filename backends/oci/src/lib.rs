@@ -725,11 +725,14 @@ impl Inner {
         match self.start_cell(cell, restore_from).await {
             Ok(live) => {
                 if let Some(ttl) = cell.ttl_seconds() {
-                    let me = self.clone();
+                    // Weak: a pending TTL must not keep a dropped backend alive.
+                    let me = Arc::downgrade(self);
                     let id2 = id.clone();
                     let h = tokio::spawn(async move {
                         tokio::time::sleep(Duration::from_secs(ttl)).await;
-                        let _ = me.destroy(&id2).await;
+                        if let Some(me) = me.upgrade() {
+                            let _ = me.destroy(&id2).await;
+                        }
                     });
                     live.tasks.lock().unwrap().push(h.abort_handle());
                 }
@@ -1074,6 +1077,62 @@ impl Inner {
         };
         self.reserve(new_id)?;
         self.finish_create(&cell, Some(&dir)).await
+    }
+}
+
+/// Dropping the last handle of a backend destroys what it still holds (synchronously: there may be
+/// no runtime left to await on), so a panicking test or an aborted run leaves no container behind.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let cells: Vec<Arc<Live>> = self
+            .cells
+            .get_mut()
+            .map(|m| {
+                m.drain()
+                    .filter_map(|(_, e)| match e {
+                        Entry::Live(l) => Some(l),
+                        _ => None,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if let Ok(rt) = &self.runtime {
+            let run = |args: &[&str]| {
+                let argv = rt.argv(&args.iter().map(OsString::from).collect::<Vec<_>>());
+                let _ = std::process::Command::new(&argv[0])
+                    .args(&argv[1..])
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .status();
+            };
+            for l in &cells {
+                if l.paused.load(Ordering::SeqCst) {
+                    run(&["resume", &l.rid]);
+                }
+                run(&["kill", "--all", &l.rid, "KILL"]);
+                run(&["delete", "--force", &l.rid]);
+            }
+        }
+        let deadline = Instant::now() + TEARDOWN_WAIT;
+        for l in &cells {
+            while !l.shim.state().done && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            for cg in self.cgroup_dirs(&l.rid) {
+                let _ = fs::remove_dir(cg);
+            }
+            let _ = fs::remove_dir_all(&l.dir);
+        }
+        if let Ok(snaps) = self.snapshots.get_mut() {
+            for (_, dir) in snaps.drain() {
+                let _ = fs::remove_dir_all(&dir);
+                if let Some(parent) = dir.parent() {
+                    let _ = fs::remove_dir(parent);
+                }
+            }
+        }
+        self.remove_root_if_empty();
     }
 }
 
