@@ -15,6 +15,11 @@ fn builtin(suite: Suite) -> Suite {
                 cellcheck_host::HostConfig::from_fixtures(fx),
             ))
         })
+        .backend_with_fixtures("qemu", |fx| {
+            Arc::new(cellcheck_qemu::QemuBackend::new(
+                cellcheck_qemu::QemuConfig::from_fixtures(fx),
+            ))
+        })
         .backend_with_fixtures("nested", cellcheck_remote::nested::NestedBackend::for_suite)
         .backend_with_fixtures("remote-python", |fx| {
             cellcheck_remote::remote_or_unavailable(

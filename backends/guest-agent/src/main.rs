@@ -75,6 +75,11 @@ fn setup() -> io::Result<()> {
         }
     }
     let _ = fs::set_permissions("/tmp", std::os::unix::fs::PermissionsExt::from_mode(0o1777));
+    // Allocations succeed and the cell's memory.max decides, as on a host: without this, a
+    // request larger than the small guest's RAM fails in malloc instead of meeting the OOM killer.
+    if let Err(e) = fs::write("/proc/sys/vm/overcommit_memory", "1") {
+        log(&format!("overcommit_memory: {e}"));
+    }
     if let Err(e) = loopback_up() {
         log(&format!("lo up: {e}"));
     }
@@ -135,7 +140,9 @@ fn open_channel() -> io::Result<fs::File> {
 
 /// A started process whose end and output the host will collect.
 struct Job {
+    /// The job's process, or for a job in fresh namespaces their init (the workload's parent).
     pid: i32,
+    relay: Option<OwnedFd>,
     out: Option<OwnedFd>,
     err: Option<OwnedFd>,
     stdout: Vec<u8>,
@@ -413,7 +420,7 @@ impl Agent {
             }),
             _ => None,
         };
-        let (pid, out, errfd) = match spawn(argv, env, cwd, cg, join) {
+        let sp = match spawn(argv, env, cwd, cg, join) {
             // The workload's namespace died with its pid 1: the exec gets fresh ones instead.
             Err(SpawnError::NamespaceGone) => spawn(argv, env, cwd, cg, None),
             other => other,
@@ -424,6 +431,7 @@ impl Agent {
                 err(ErrorKind::Io, "fork into a fresh pid namespace failed")
             }
         })?;
+        let pid = sp.pid;
         if id == WORKLOAD_JOB {
             let ns =
                 |kind: &str| fs::File::open(format!("/proc/{pid}/ns/{kind}")).map(OwnedFd::from);
@@ -433,8 +441,9 @@ impl Agent {
             id,
             Job {
                 pid,
-                out: Some(out),
-                err: Some(errfd),
+                out: Some(sp.out),
+                err: Some(sp.err),
+                relay: sp.relay,
                 stdout: Vec::new(),
                 stderr: Vec::new(),
                 end: None,
@@ -490,6 +499,15 @@ impl Agent {
                 .values_mut()
                 .find(|j| j.pid == pid && j.end.is_none())
             {
+                if let Some(relay) = job.relay.take() {
+                    let mut st = 0i32;
+                    // SAFETY: reading 4 bytes the init wrote before it exited.
+                    let n =
+                        unsafe { libc::read(relay.as_raw_fd(), (&mut st as *mut i32).cast(), 4) };
+                    if n == 4 {
+                        status = st;
+                    }
+                }
                 let end = if libc::WIFEXITED(status) {
                     JobEnd::Exited {
                         code: libc::WEXITSTATUS(status),
@@ -667,7 +685,7 @@ fn spawn(
     cwd: &str,
     cgroup: Option<&str>,
     join: Option<Join>,
-) -> Result<(i32, OwnedFd, OwnedFd), SpawnError> {
+) -> Result<Spawned, SpawnError> {
     if argv.is_empty() {
         return Err(err(ErrorKind::BadFrame, "argv must not be empty").into());
     }
@@ -698,6 +716,7 @@ fn spawn(
     let (out_r, out_w) = pipe().map_err(|e| io_err("pipe", e))?;
     let (err_r, err_w) = pipe().map_err(|e| io_err("pipe", e))?;
     let (status_r, status_w) = pipe().map_err(|e| io_err("pipe", e))?;
+    let (relay_r, relay_w) = pipe().map_err(|e| io_err("pipe", e))?;
     let devnull = fs::File::open("/dev/null").map_err(|e| io_err("/dev/null", e))?;
 
     // SAFETY: the agent is single-threaded, so the child may run arbitrary code; still, it only
@@ -783,6 +802,32 @@ fn spawn(
                 }
                 libc::close(fd);
             }
+            if join.is_none() {
+                // We are pid 1 of the new namespace. The workload must not be: the kernel drops
+                // signals a namespace's init has no handler for, so it could not die of one. It
+                // runs as our child; we reap everything and relay its raw wait status upward.
+                let wl = libc::fork();
+                if wl < 0 {
+                    fail(6);
+                }
+                if wl > 0 {
+                    for fd in [&out_w, &err_w, &status_w] {
+                        libc::close(fd.as_raw_fd());
+                    }
+                    libc::close(devnull.as_raw_fd());
+                    loop {
+                        let mut st = 0;
+                        let p = libc::waitpid(-1, &mut st, 0);
+                        if p == wl {
+                            libc::write(relay_w.as_raw_fd(), (&st as *const i32).cast(), 4);
+                            libc::_exit(0);
+                        }
+                        if p < 0 && *libc::__errno_location() != libc::EINTR {
+                            libc::_exit(1);
+                        }
+                    }
+                }
+            }
             if libc::dup2(devnull.as_raw_fd(), 0) < 0
                 || libc::dup2(out_w.as_raw_fd(), 1) < 0
                 || libc::dup2(err_w.as_raw_fd(), 2) < 0
@@ -803,7 +848,7 @@ fn spawn(
             fail(4);
         }
     }
-    drop((out_w, err_w, status_w, devnull));
+    drop((out_w, err_w, status_w, relay_w, devnull));
     let mut msg = [0i32; 2];
     let n = loop {
         // SAFETY: reading 8 bytes into a local array.
@@ -825,6 +870,7 @@ fn spawn(
             (1, _) => err(ErrorKind::Io, format!("join cell cgroup: {e}")),
             (3, _) => err(ErrorKind::Io, format!("chdir {cwd}: {e}")),
             (5, _) => err(ErrorKind::Io, format!("cell namespaces: {e}")),
+            (6, _) => err(ErrorKind::Io, format!("fork the workload: {e}")),
             _ => err(ErrorKind::Io, format!("exec {}: {e}", argv[0])),
         }));
     }
@@ -835,5 +881,18 @@ fn spawn(
             libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
         }
     }
-    Ok((pid, out_r, err_r))
+    Ok(Spawned {
+        pid,
+        out: out_r,
+        err: err_r,
+        relay: join.is_none().then_some(relay_r),
+    })
+}
+
+struct Spawned {
+    pid: i32,
+    out: OwnedFd,
+    err: OwnedFd,
+    /// From the namespace init `pid`: the workload's raw wait status, written before it exits.
+    relay: Option<OwnedFd>,
 }

@@ -121,6 +121,13 @@ async fn boots_and_reports_exit_code() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workload_sees_exactly_its_env_fds_pids_and_hostname() -> Result<()> {
     let Some(b) = backend() else { return Ok(()) };
+    let sig = id("signal");
+    b.create(&probe_doc(&sig, &["signal", "TERM"])).await?;
+    assert_eq!(
+        b.wait(&sig).await?.termination,
+        Termination::Signaled { signal: 15 }
+    );
+    b.destroy(&sig).await?;
     let id = id("report");
     let doc = probe_doc(&id, &["report"])
         .with_env("ZED", "last=first")
@@ -143,7 +150,11 @@ async fn workload_sees_exactly_its_env_fds_pids_and_hostname() -> Result<()> {
     assert_eq!(v["hostname"], serde_json::json!(id));
     assert_eq!(v["netifs"], serde_json::json!(["lo"]));
     let pids = v["pids"].as_array().context("pids")?;
-    assert_eq!(pids.len(), 1, "the workload sees only itself: {pids:?}");
+    assert_eq!(
+        pids.len(),
+        2,
+        "the workload sees only itself and its namespace's init: {pids:?}"
+    );
     // After the workload ended, an exec still runs, with exactly its own env.
     let mut req = exec_req(&["env"]);
     req.env = vec![cellcheck_contract::EnvVar {
@@ -182,8 +193,8 @@ async fn exec_joins_the_running_cell_and_missing_programs_are_typed() -> Result<
     let first = visible.lines().next().unwrap_or_default();
     assert_eq!(
         first.split_whitespace().count(),
-        2,
-        "exec sees the workload (pid 1) and itself: {visible:?}"
+        3,
+        "exec sees the cell's init (pid 1), the workload and itself: {visible:?}"
     );
     assert!(first.split_whitespace().any(|p| p == "1"), "{visible:?}");
     let r = b.exec(&id, exec_req(&["out", "100000"])).await?;
@@ -283,7 +294,7 @@ async fn timeout_kills_and_memory_limit_reports_oom() -> Result<()> {
     b.create(&probe_doc(&slow, &["hold"]).with_timeout_ms(1500))
         .await?;
     let oom = id("oom");
-    b.create(&probe_doc(&oom, &["alloc", "128"]).with_limits(Limits {
+    b.create(&probe_doc(&oom, &["alloc", "512"]).with_limits(Limits {
         memory_max_bytes: Some(32 << 20),
         ..Limits::default()
     }))
