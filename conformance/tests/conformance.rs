@@ -20,6 +20,21 @@ fn builtin(suite: Suite) -> Suite {
                 cellcheck_qemu::QemuConfig::from_fixtures(fx),
             ))
         })
+        .backend_with_fixtures("runc", |fx| {
+            Arc::new(cellcheck_oci::OciBackend::runc(
+                cellcheck_oci::OciConfig::from_fixtures(fx),
+            ))
+        })
+        .backend_with_fixtures("crun", |fx| {
+            Arc::new(cellcheck_oci::OciBackend::crun(
+                cellcheck_oci::OciConfig::from_fixtures(fx),
+            ))
+        })
+        .backend_with_fixtures("runsc", |fx| {
+            Arc::new(cellcheck_oci::OciBackend::runsc(
+                cellcheck_oci::OciConfig::from_fixtures(fx),
+            ))
+        })
         .backend_with_fixtures("nested", cellcheck_remote::nested::NestedBackend::for_suite)
         .backend_with_fixtures("remote-python", |fx| {
             cellcheck_remote::remote_or_unavailable(

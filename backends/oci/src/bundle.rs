@@ -56,7 +56,9 @@ pub fn hostname_for(id: &str) -> &str {
 
 /// `NAME=value` strings in declared order: exactly the declared set, nothing added.
 pub fn env_strings(env: &[EnvVar]) -> Vec<String> {
-    env.iter().map(|e| format!("{}={}", e.name, e.value)).collect()
+    env.iter()
+        .map(|e| format!("{}={}", e.name, e.value))
+        .collect()
 }
 
 /// The OCI `process` object for `args` with exactly `env`, as the workload and execs get it.

@@ -24,9 +24,11 @@
 //!
 //! - `--network=none` and `--platform` (ptrace, or systrap where this runsc knows it) on every
 //!   command: runsc re-reads its flags per command.
-//! - Snapshot = `runsc checkpoint --image-path` (the source cell stops, as `checkpoint` does by
-//!   default; it stays listed until destroyed); restore = `runsc restore --detach` of a fresh
-//!   bundle into a new container id.
+//! - Snapshot = `runsc checkpoint --image-path`: the source's workload stops, as `checkpoint` does
+//!   by default (`--leave-running` hangs with the runsc release this was built against); the cell
+//!   stays listed until destroyed. Restore = `runsc restore --detach` of a fresh
+//!   bundle into a new container id. The image and the cell document stay until
+//!   `delete_snapshot`, so a restore works after the source is destroyed.
 //! - runsc adds `HOME=/` to a workload's env when the bundle does not set it. The backend does not
 //!   hide it: the env-exactness scenario is a recorded known failure for runsc.
 
@@ -139,7 +141,11 @@ impl OciBackend {
     pub fn new(kind: RuntimeKind, cfg: OciConfig) -> Self {
         let instance = format!("{:08x}", rand::random::<u32>());
         let root = cfg.state_parent.join(format!("{}-{instance}", kind.name()));
-        let bin = cfg.bin.clone().map(Ok).unwrap_or_else(|| runtime::find_binary(kind));
+        let bin = cfg
+            .bin
+            .clone()
+            .map(Ok)
+            .unwrap_or_else(|| runtime::find_binary(kind));
         let version = bin
             .as_ref()
             .ok()
@@ -210,7 +216,9 @@ fn runsc_platform(bin: &Path) -> String {
     let help = std::process::Command::new(bin)
         .arg("flags")
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout).into_owned() + &String::from_utf8_lossy(&o.stderr)
+        })
         .unwrap_or_default();
     if help.contains("systrap") {
         "systrap".into()
@@ -319,7 +327,9 @@ impl Inner {
     }
 
     fn rt(&self) -> Result<Runtime, CellError> {
-        self.runtime.clone().map_err(|reason| CellError::Unavailable { reason })
+        self.runtime
+            .clone()
+            .map_err(|reason| CellError::Unavailable { reason })
     }
 
     fn bundle_dir(&self, rid: &str) -> PathBuf {
@@ -424,7 +434,10 @@ impl Inner {
         let dir = self.bundle_dir(&rid);
         if dir.exists() {
             // A leftover of a crashed run with this instance id is not ours to reuse.
-            return Err(failure("bundle dir", format!("{} already exists", dir.display())));
+            return Err(failure(
+                "bundle dir",
+                format!("{} already exists", dir.display()),
+            ));
         }
         mkdir_private(&dir).map_err(|e| failure("create bundle dir", e))?;
         match self.launch(&rt, cell, &rid, &dir, restore_from).await {
@@ -488,7 +501,11 @@ impl Inner {
         let shim = Shim::spawn(&rt.argv(&args), [&stdin, &stdout, &stderr], &pid_file)
             .map_err(io("spawn runtime"))?;
         drop((stdin, stdout, stderr));
-        let op = if restore_from.is_some() { "restore" } else { "create" };
+        let op = if restore_from.is_some() {
+            "restore"
+        } else {
+            "create"
+        };
         match shim.runtime_status().await {
             Ok(st) if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 => {}
             Ok(st) => {
@@ -584,13 +601,18 @@ impl Inner {
         let out = rt.run(&["delete", "--force", rid]).await;
         if !out.ok {
             let msg = out.message(self.kind);
-            let gone = msg.contains("does not exist") || msg.contains("not exist") || msg.contains("no such");
+            let gone = msg.contains("does not exist")
+                || msg.contains("not exist")
+                || msg.contains("no such");
             if !gone {
                 problems.push(format!("delete: {msg}"));
             }
         }
         if let Some(shim) = shim {
-            if tokio::time::timeout(TEARDOWN_WAIT, shim.done()).await.is_err() {
+            if tokio::time::timeout(TEARDOWN_WAIT, shim.done())
+                .await
+                .is_err()
+            {
                 problems.push(format!(
                     "runtime processes of {rid} did not exit within {TEARDOWN_WAIT:?}"
                 ));
@@ -757,10 +779,22 @@ impl Inner {
                 Some(Entry::Live(l)) => {
                     let l = l.clone();
                     cells.insert(id.to_string(), Entry::Destroying);
-                    l
+                    Some(l)
                 }
+                Some(Entry::Destroying) => None,
                 _ => return Err(CellError::cell_not_found(id)),
             }
+        };
+        let Some(live) = live else {
+            // Another destroy (or the TTL reaper) is tearing it down: answer once it is gone, so
+            // a caller who sees NotFound never sees the cell's resources still there.
+            let until = Instant::now() + TEARDOWN_WAIT * 2;
+            while Instant::now() < until
+                && matches!(self.cells.lock().unwrap().get(id), Some(Entry::Destroying))
+            {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            return Err(CellError::cell_not_found(id));
         };
         // The TTL reaper may be what called us: abort only after taking the cell.
         let tasks: Vec<_> = live.tasks.lock().unwrap().drain(..).collect();
@@ -771,16 +805,19 @@ impl Inner {
         }
         let mut rx = live.exit.clone();
         let _ = tokio::time::timeout(TEARDOWN_WAIT, rx.wait_for(|o| o.is_some())).await;
+        // Never abort the task running this destroy (the TTL reaper calls destroy itself).
+        let me = tokio::task::try_id();
         for t in tasks {
-            t.abort();
+            if Some(t.id()) != me {
+                t.abort();
+            }
         }
-        let problems = self.scrub(&rt, &live.rid, &live.dir, Some(&live.shim)).await;
+        let problems = self
+            .scrub(&rt, &live.rid, &live.dir, Some(&live.shim))
+            .await;
         let remaining = self.release(id);
         if !problems.is_empty() {
-            return Err(failure(
-                &format!("destroy {id}"),
-                problems.join("; "),
-            ));
+            return Err(failure(&format!("destroy {id}"), problems.join("; ")));
         }
         Ok(TeardownReport {
             id: id.to_string(),
@@ -834,7 +871,12 @@ impl Inner {
             file("log"),
         );
         let result = self
-            .exec_inner(&rt, &live, &req, [&proc_path, &out_path, &err_path, &pid_path, &log_path])
+            .exec_inner(
+                &rt,
+                &live,
+                &req,
+                [&proc_path, &out_path, &err_path, &pid_path, &log_path],
+            )
             .await;
         for p in [&proc_path, &out_path, &err_path, &pid_path, &log_path] {
             let _ = fs::remove_file(p);
@@ -879,9 +921,10 @@ impl Inner {
                 let shim = Shim::spawn(&rt.argv(&args), [&stdin, &stdout, &stderr], pid_path)
                     .map_err(io("spawn runtime exec"))?;
                 drop((stdin, stdout, stderr));
-                let st = shim.runtime_status().await.map_err(|e| {
-                    failure("exec", std::io::Error::from_raw_os_error(e))
-                })?;
+                let st = shim
+                    .runtime_status()
+                    .await
+                    .map_err(|e| failure("exec", std::io::Error::from_raw_os_error(e)))?;
                 if !(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0) {
                     let msg = runtime::runtime_message(
                         &(fs::read_to_string(log_path).unwrap_or_default()
@@ -913,8 +956,9 @@ impl Inner {
                     },
                 };
                 shim.done().await;
-                st.map(runtime::termination)
-                    .ok_or_else(|| failure("exec", "exit status of the exec'd process unavailable"))?
+                st.map(runtime::termination).ok_or_else(|| {
+                    failure("exec", "exit status of the exec'd process unavailable")
+                })?
             }
             RuntimeKind::Runsc => {
                 let argv = rt.argv(&[
@@ -953,7 +997,8 @@ impl Inner {
                 let code = status.code().unwrap_or(128);
                 if code == 128 && read_pid(pid_path).is_none() {
                     // runsc exec itself failed (128) before the process started.
-                    let msg = runtime::runtime_message(&fs::read_to_string(err_path).unwrap_or_default());
+                    let msg =
+                        runtime::runtime_message(&fs::read_to_string(err_path).unwrap_or_default());
                     return Err(if missing(&msg) {
                         not_found()
                     } else {
@@ -1024,7 +1069,8 @@ impl Inner {
             return Err(failure("runsc checkpoint", out.message(self.kind)));
         }
         // The document goes beside the image, so a restore works after the source is destroyed.
-        let text = serde_json::to_vec(live.cell.document()).map_err(|e| failure("snapshot document", e))?;
+        let text = serde_json::to_vec(live.cell.document())
+            .map_err(|e| failure("snapshot document", e))?;
         new_file(&dir.join("cell.json"))
             .and_then(|mut f| std::io::Write::write_all(&mut f, &text))
             .map_err(|e| failure("write snapshot document", e))?;
@@ -1048,7 +1094,11 @@ impl Inner {
         true
     }
 
-    async fn restore(self: &Arc<Self>, snap: &SnapshotRef, new_id: &str) -> Result<CellHandle, CellError> {
+    async fn restore(
+        self: &Arc<Self>,
+        snap: &SnapshotRef,
+        new_id: &str,
+    ) -> Result<CellHandle, CellError> {
         self.caps.require(Capability::Snapshot)?;
         let dir = self
             .snapshots
@@ -1071,7 +1121,8 @@ impl Inner {
         let cell = match source {
             Some(c) => c.with_id(new_id)?,
             None => {
-                let text = fs::read_to_string(dir.join("cell.json")).map_err(|e| failure("read snapshot document", e))?;
+                let text = fs::read_to_string(dir.join("cell.json"))
+                    .map_err(|e| failure("read snapshot document", e))?;
                 CellDocument::from_json(&text)?.admit()?.with_id(new_id)?
             }
         };
@@ -1137,7 +1188,12 @@ impl Drop for Inner {
 }
 
 fn read_pid(p: &Path) -> Option<i32> {
-    fs::read_to_string(p).ok()?.trim().parse().ok().filter(|&n| n > 0)
+    fs::read_to_string(p)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&n| n > 0)
 }
 
 fn read_boot_log(dir: &Path) -> Option<Termination> {
@@ -1189,7 +1245,11 @@ impl Backend for OciBackend {
     async fn preflight(&self) -> Availability {
         let rt = match self.inner.rt() {
             Ok(rt) => rt,
-            Err(e) => return Availability::Unavailable { reason: e.to_string() },
+            Err(e) => {
+                return Availability::Unavailable {
+                    reason: e.to_string(),
+                }
+            }
         };
         let version = match tokio::process::Command::new(&rt.bin)
             .arg("--version")
@@ -1236,11 +1296,19 @@ impl Backend for OciBackend {
             .map(|p| format!(", platform {p}"))
             .unwrap_or_default();
         match res {
-            Ok(r) if r.termination == (Termination::Exited { code: 0 }) => Availability::Available {
-                evidence: format!("{version}{platform}: trivial bundle (/bin/true) exited 0 in {ms} ms"),
-            },
+            Ok(r) if r.termination == (Termination::Exited { code: 0 }) => {
+                Availability::Available {
+                    evidence: format!(
+                        "{version}{platform}: trivial bundle (/bin/true) exited 0 in {ms} ms"
+                    ),
+                }
+            }
             Ok(r) => Availability::Unavailable {
-                reason: format!("{version}: trivial bundle ended {:?}: {}", r.termination, r.stderr_str().trim()),
+                reason: format!(
+                    "{version}: trivial bundle ended {:?}: {}",
+                    r.termination,
+                    r.stderr_str().trim()
+                ),
             },
             Err(CellError::BackendFailure { reason, .. }) => Availability::Unavailable { reason },
             Err(e) => Availability::Unavailable {

@@ -233,7 +233,10 @@ pub fn parse_runsc_boot_log(log: &str) -> Option<Termination> {
         .rev()
         .find(|l| l.contains("application exiting with"))?;
     let tail = line.split("application exiting with").nth(1)?.trim();
-    let num = |p: &str| tail.strip_prefix(p).and_then(|n| n.trim().parse::<i32>().ok());
+    let num = |p: &str| {
+        tail.strip_prefix(p)
+            .and_then(|n| n.trim().parse::<i32>().ok())
+    };
     if let Some(code) = num("exit status") {
         Some(Termination::Exited { code })
     } else {
@@ -261,7 +264,8 @@ mod tests {
     fn runsc_and_crun_missing_program_messages() {
         let runsc = "starting container: starting root container: starting sandbox: creating process: failed to load /bin/nope: no such file or directory";
         assert!(is_missing_program(&runtime_message(runsc), "/bin/nope"));
-        let crun = "crun: executable file `/bin/nope` not found in $PATH: No such file or directory";
+        let crun =
+            "crun: executable file `/bin/nope` not found in $PATH: No such file or directory";
         assert!(is_missing_program(crun, "/bin/nope"));
         let cwd = r#"chdir to cwd ("/nope") set in config.json failed: no such file or directory"#;
         assert!(!is_missing_program(cwd, "/bin/true"));
@@ -279,14 +283,18 @@ mod tests {
             termination_from_folded_code(3),
             Termination::Exited { code: 3 }
         );
-        assert_eq!(parse_runsc_wait(r#"{"id":"x4","exitStatus":768}"#), Some(768));
+        assert_eq!(
+            parse_runsc_wait(r#"{"id":"x4","exitStatus":768}"#),
+            Some(768)
+        );
         assert_eq!(parse_runsc_wait("garbage"), None);
         let log = "I1123 12:20:23.583087    9103 boot.go:389] application exiting with killed by signal 9\n";
         assert_eq!(
             parse_runsc_boot_log(log),
             Some(Termination::Signaled { signal: 9 })
         );
-        let log = "x\nI1123 12:22:57.648040   15617 boot.go:389] application exiting with exit status 3";
+        let log =
+            "x\nI1123 12:22:57.648040   15617 boot.go:389] application exiting with exit status 3";
         assert_eq!(
             parse_runsc_boot_log(log),
             Some(Termination::Exited { code: 3 })

@@ -74,7 +74,11 @@ impl Shim {
             .iter()
             .map(|f| dup_high(f.as_raw_fd()))
             .collect::<io::Result<_>>()?;
-        let fds = [high[0].as_raw_fd(), high[1].as_raw_fd(), high[2].as_raw_fd()];
+        let fds = [
+            high[0].as_raw_fd(),
+            high[1].as_raw_fd(),
+            high[2].as_raw_fd(),
+        ];
 
         let mut pipe = [0 as RawFd; 2];
         // SAFETY: pipe2 fills two fds we then own.

@@ -22,7 +22,10 @@ async fn preflight_is_functional_and_leaves_nothing() {
             eprintln!("crun unavailable: {reason}");
             assert!(!reason.trim().is_empty());
             let id = common::id("crun");
-            let e = b.create(&common::doc(&id, &["/bin/true"])).await.unwrap_err();
+            let e = b
+                .create(&common::doc(&id, &["/bin/true"]))
+                .await
+                .unwrap_err();
             assert!(!matches!(e, CellError::InvalidSpec { .. }), "{e:?}");
             common::assert_no_residue(&b, &id);
         }

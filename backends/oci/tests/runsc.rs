@@ -2,7 +2,7 @@
 
 mod common;
 
-use cellcheck_contract::{Backend, CellError, ExecRequest, EnvVar, ResourceKind, Termination};
+use cellcheck_contract::{Backend, CellError, EnvVar, ExecRequest, ResourceKind, Termination};
 use cellcheck_oci::RuntimeKind;
 use common::*;
 
@@ -15,11 +15,18 @@ async fn exit_code_and_signal_are_distinct() {
     b.create(&doc(&a, &[PROBE, "exit", "137"])).await.unwrap();
     let r = b.wait(&a).await.unwrap();
     assert_eq!(r.termination, Termination::Exited { code: 137 });
-    assert_eq!(b.wait(&a).await.unwrap(), r, "a second wait returns the same report");
+    assert_eq!(
+        b.wait(&a).await.unwrap(),
+        r,
+        "a second wait returns the same report"
+    );
     // As pid 1 the workload cannot die of its own signal; runsc kill delivers one from outside.
     let s = id("sig");
     let h = b.create(&doc(&s, &[PROBE, "hold"])).await.unwrap();
-    assert!(h.host_pid.is_none(), "the sandbox pid is not the workload's");
+    assert!(
+        h.host_pid.is_none(),
+        "the sandbox pid is not the workload's"
+    );
     let rt = b.runtime().unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let out = rt.run(&["kill", &b.container_id(&s), "KILL"]).await;
@@ -51,10 +58,17 @@ async fn env_is_exactly_the_declared_set_and_fds_are_0_1_2() {
     // Without a declared HOME the runtime itself appends one (a recorded known failure of
     // isolation::environ_exact); pinned here so a runtime that stops doing it is noticed.
     let h = id("home");
-    b.create(&doc(&h, &[PROBE, "env"]).with_env("Z", "1")).await.unwrap();
+    b.create(&doc(&h, &[PROBE, "env"]).with_env("Z", "1"))
+        .await
+        .unwrap();
     let r = b.wait(&h).await.unwrap();
     assert!(r.stdout.starts_with(b"Z=1\0HOME="), "{:?}", r.stdout_str());
-    assert_eq!(r.stdout.iter().filter(|&&c| c == 0).count(), 2, "{:?}", r.stdout_str());
+    assert_eq!(
+        r.stdout.iter().filter(|&&c| c == 0).count(),
+        2,
+        "{:?}",
+        r.stdout_str()
+    );
     b.destroy(&h).await.unwrap();
     let f = id("fds");
     b.create(&doc(&f, &[PROBE, "fds"])).await.unwrap();
@@ -69,7 +83,10 @@ async fn env_is_exactly_the_declared_set_and_fds_are_0_1_2() {
 async fn missing_program_is_not_found_and_leaves_nothing() {
     let Some(b) = backend(KIND).await else { return };
     let a = id("missing");
-    let e = b.create(&doc(&a, &["/bin/no-such-program"])).await.unwrap_err();
+    let e = b
+        .create(&doc(&a, &["/bin/no-such-program"]))
+        .await
+        .unwrap_err();
     assert_eq!(
         e,
         CellError::NotFound {
@@ -100,7 +117,10 @@ async fn duplicate_destroy_twice_and_concurrent_destroys() {
     assert_eq!(x.is_ok() as u8 + y.is_ok() as u8, 1, "{x:?} {y:?}");
     let ok = x.or(y).unwrap();
     assert!(ok.killed_running);
-    assert!(matches!(b.destroy(&a).await, Err(CellError::NotFound { .. })));
+    assert!(matches!(
+        b.destroy(&a).await,
+        Err(CellError::NotFound { .. })
+    ));
     assert_no_residue(&b, &a);
     assert_clean_root(&b);
 }
@@ -148,7 +168,16 @@ async fn exec_gets_exact_env_and_status() {
     let r = b.exec(&a, req(&[PROBE, "exit", "7"])).await.unwrap();
     assert_eq!(r.termination, Termination::Exited { code: 7 });
     let e = b.exec(&a, req(&["/bin/nope"])).await.unwrap_err();
-    assert!(matches!(e, CellError::NotFound { kind: ResourceKind::Program, .. }), "{e:?}");
+    assert!(
+        matches!(
+            e,
+            CellError::NotFound {
+                kind: ResourceKind::Program,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
     b.destroy(&a).await.unwrap();
     assert_no_residue(&b, &a);
     assert_clean_root(&b);
@@ -182,7 +211,14 @@ pub async fn pause_resume(b: &cellcheck_oci::OciBackend) {
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     b.pause(&a).await.unwrap();
     assert!(matches!(
-        b.exec(&a, ExecRequest { argv: vec!["/bin/true".into()], ..Default::default() }).await,
+        b.exec(
+            &a,
+            ExecRequest {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            }
+        )
+        .await,
         Err(CellError::InvalidState { .. })
     ));
     tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -192,10 +228,16 @@ pub async fn pause_resume(b: &cellcheck_oci::OciBackend) {
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     b.resume(&a).await.unwrap();
     let n2 = read().await;
-    assert!(n2 >= n1 && n2 < n1 + 10, "counter moved while paused: {n1} -> {n2}");
+    assert!(
+        n2 >= n1 && n2 < n1 + 10,
+        "counter moved while paused: {n1} -> {n2}"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let n3 = read().await;
-    assert!(n3 > n2 + 3, "counter did not continue after resume: {n2} -> {n3}");
+    assert!(
+        n3 > n2 + 3,
+        "counter did not continue after resume: {n2} -> {n3}"
+    );
     b.destroy(&a).await.unwrap();
     assert_no_residue(b, &a);
     assert_clean_root(b);
@@ -205,7 +247,9 @@ pub async fn pause_resume(b: &cellcheck_oci::OciBackend) {
 async fn snapshot_restores_into_a_new_id_and_the_counter_continues() {
     let Some(b) = backend(KIND).await else { return };
     let a = id("snap-src");
-    b.create(&doc(&a, &[PROBE, "count", "/tmp/n", "50"])).await.unwrap();
+    b.create(&doc(&a, &[PROBE, "count", "/tmp/n", "50"]))
+        .await
+        .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(600)).await;
     let snap = b.snapshot(&a).await.unwrap();
     assert_eq!(snap.source, a);
@@ -213,7 +257,14 @@ async fn snapshot_restores_into_a_new_id_and_the_counter_continues() {
         let b = b.clone();
         async move {
             let r = b
-                .exec(&id, ExecRequest { argv: vec![PROBE.into(), "cat".into(), "/tmp/n".into()], env: vec![], timeout_ms: Some(10_000) })
+                .exec(
+                    &id,
+                    ExecRequest {
+                        argv: vec![PROBE.into(), "cat".into(), "/tmp/n".into()],
+                        env: vec![],
+                        timeout_ms: Some(10_000),
+                    },
+                )
                 .await
                 .unwrap();
             r.stdout_str().trim().parse::<u64>().unwrap()
@@ -223,14 +274,26 @@ async fn snapshot_restores_into_a_new_id_and_the_counter_continues() {
     let c = id("snap-dst");
     b.restore(&snap, &c).await.unwrap();
     let n1 = read(c.clone()).await;
-    assert!(n1 >= 5, "restored counter starts from the snapshot's value, got {n1}");
+    assert!(
+        n1 >= 5,
+        "restored counter starts from the snapshot's value, got {n1}"
+    );
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let n2 = read(c.clone()).await;
     assert!(n2 > n1, "counter continues after restore: {n1} -> {n2}");
-    assert!(matches!(b.restore(&snap, &c).await, Err(CellError::AlreadyExists { .. })));
+    assert!(matches!(
+        b.restore(&snap, &c).await,
+        Err(CellError::AlreadyExists { .. })
+    ));
     b.destroy(&c).await.unwrap();
     b.delete_snapshot(&snap).await.unwrap();
-    assert!(matches!(b.delete_snapshot(&snap).await, Err(CellError::NotFound { kind: ResourceKind::Snapshot, .. })));
+    assert!(matches!(
+        b.delete_snapshot(&snap).await,
+        Err(CellError::NotFound {
+            kind: ResourceKind::Snapshot,
+            ..
+        })
+    ));
     assert_no_residue(&b, &a);
     assert_no_residue(&b, &c);
     assert_clean_root(&b);

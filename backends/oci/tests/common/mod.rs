@@ -46,10 +46,15 @@ pub fn doc(id: &str, argv: &[&str]) -> CellDocument {
 /// Every process whose cmdline mentions `marker`.
 pub fn processes_with(marker: &str) -> Vec<String> {
     let mut hits = Vec::new();
-    let Ok(rd) = fs::read_dir("/proc") else { return hits };
+    let Ok(rd) = fs::read_dir("/proc") else {
+        return hits;
+    };
     for e in rd.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         if let Ok(cmd) = fs::read(e.path().join("cmdline")) {
@@ -68,7 +73,9 @@ pub fn zombie_children() -> Vec<String> {
     let mut z = Vec::new();
     for e in fs::read_dir("/proc").unwrap().flatten() {
         if let Ok(stat) = fs::read_to_string(e.path().join("stat")) {
-            let Some(rest) = stat.rsplit(')').next() else { continue };
+            let Some(rest) = stat.rsplit(')').next() else {
+                continue;
+            };
             let f: Vec<&str> = rest.split_whitespace().collect();
             if f.len() > 2 && f[0] == "Z" && f[1] == me {
                 z.push(stat);
@@ -98,7 +105,10 @@ pub fn assert_no_residue(b: &OciBackend, id: &str) {
 pub fn assert_clean_root(b: &OciBackend) {
     let root = b.state_root();
     assert!(
-        !root.exists() || fs::read_dir(root).map(|mut d| d.next().is_none()).unwrap_or(true),
+        !root.exists()
+            || fs::read_dir(root)
+                .map(|mut d| d.next().is_none())
+                .unwrap_or(true),
         "state root {} not empty: {:?}",
         root.display(),
         list(root)
