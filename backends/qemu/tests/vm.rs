@@ -350,3 +350,27 @@ async fn failed_boot_is_typed_and_leaves_nothing() -> Result<()> {
     ));
     assert_no_residue(&b)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn accelerator_probes_boot_the_real_guest() -> Result<()> {
+    if config().is_none() {
+        return Ok(());
+    }
+    let tcg = cellcheck_qemu::probe_accelerator(Accel::Tcg).await;
+    match &tcg {
+        cellcheck_contract::Availability::Available { evidence } => {
+            ensure!(evidence.contains("booted to the guest agent"), "{evidence}")
+        }
+        other => bail!("TCG must boot wherever QEMU runs: {other:?}"),
+    }
+    // KVM may or may not work here; either way the verdict names it and says why.
+    match cellcheck_qemu::probe_accelerator(Accel::Kvm).await {
+        cellcheck_contract::Availability::Available { evidence } => {
+            ensure!(evidence.contains("kvm"), "{evidence}")
+        }
+        cellcheck_contract::Availability::Unavailable { reason } => {
+            ensure!(reason.starts_with("kvm: "), "{reason}")
+        }
+    }
+    Ok(())
+}
