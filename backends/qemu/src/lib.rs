@@ -226,20 +226,19 @@ impl Inner {
         }
     }
 
-    fn reserve(&self, id: &str) -> Result<(), CellError> {
+    /// Take `id` for a create or restore. Until committed, dropping the reservation (a failed
+    /// or cancelled create) frees the id and removes the work dir.
+    fn reserve<'a>(&'a self, id: &str) -> Result<Reservation<'a>, CellError> {
         let mut cells = self.cells.lock().expect("cells lock");
         if cells.contains_key(id) {
             return Err(CellError::AlreadyExists { id: id.into() });
         }
         cells.insert(id.into(), Slot::Reserved);
-        Ok(())
-    }
-
-    fn unreserve(&self, id: &str) {
-        let mut cells = self.cells.lock().expect("cells lock");
-        if matches!(cells.get(id), Some(Slot::Reserved)) {
-            cells.remove(id);
-        }
+        Ok(Reservation {
+            inner: self,
+            id: id.to_string(),
+            committed: false,
+        })
     }
 
     /// Remove now-empty parents (snapshot dirs, the instance dir).
@@ -392,6 +391,44 @@ impl Inner {
             killed_running,
             remaining_cells: remaining,
         })
+    }
+}
+
+struct Reservation<'a> {
+    inner: &'a Inner,
+    id: String,
+    committed: bool,
+}
+
+impl Reservation<'_> {
+    fn commit(mut self, cell: Arc<Cell>) -> CellHandle {
+        self.inner
+            .cells
+            .lock()
+            .expect("cells lock")
+            .insert(self.id.clone(), Slot::Live(cell));
+        self.committed = true;
+        CellHandle {
+            id: self.id.clone(),
+            host_pid: None,
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        {
+            let mut cells = self.inner.cells.lock().unwrap_or_else(|e| e.into_inner());
+            if matches!(cells.get(&self.id), Some(Slot::Reserved)) {
+                cells.remove(&self.id);
+            }
+        }
+        // QEMU, if it was started, is killed by its handle's kill-on-drop.
+        let _ = fs::remove_dir_all(self.inner.cell_dir(&self.id));
+        self.inner.prune_dirs(None);
     }
 }
 
@@ -558,7 +595,7 @@ impl Backend for QemuBackend {
         let admitted = doc.admit()?;
         let guest = self.inner.guest()?.clone();
         let id = admitted.id().to_string();
-        self.inner.reserve(&id)?;
+        let reservation = self.inner.reserve(&id)?;
         let spec = VmSpec {
             qemu_bin: self.inner.config.qemu_bin.clone(),
             kernel: guest.kernel,
@@ -568,20 +605,8 @@ impl Backend for QemuBackend {
             dir: self.inner.cell_dir(&id),
             incoming: None,
         };
-        match self.inner.launch(admitted, spec, false).await {
-            Ok(cell) => {
-                self.inner
-                    .cells
-                    .lock()
-                    .expect("cells lock")
-                    .insert(id.clone(), Slot::Live(cell));
-                Ok(CellHandle { id, host_pid: None })
-            }
-            Err(e) => {
-                self.inner.unreserve(&id);
-                Err(e)
-            }
-        }
+        let cell = self.inner.launch(admitted, spec, false).await?;
+        Ok(reservation.commit(cell))
     }
 
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
@@ -749,7 +774,7 @@ impl Backend for QemuBackend {
                 })
             })?;
         let doc = meta.document.admit()?.with_id(new_id)?;
-        self.inner.reserve(new_id)?;
+        let reservation = self.inner.reserve(new_id)?;
         let spec = VmSpec {
             qemu_bin: self.inner.config.qemu_bin.clone(),
             kernel: meta.kernel,
@@ -759,23 +784,8 @@ impl Backend for QemuBackend {
             dir: self.inner.cell_dir(new_id),
             incoming: Some(dir.join("state")),
         };
-        match self.inner.launch(doc, spec, true).await {
-            Ok(cell) => {
-                self.inner
-                    .cells
-                    .lock()
-                    .expect("cells lock")
-                    .insert(new_id.to_string(), Slot::Live(cell));
-                Ok(CellHandle {
-                    id: new_id.to_string(),
-                    host_pid: None,
-                })
-            }
-            Err(e) => {
-                self.inner.unreserve(new_id);
-                Err(e)
-            }
-        }
+        let cell = self.inner.launch(doc, spec, true).await?;
+        Ok(reservation.commit(cell))
     }
 
     async fn delete_snapshot(&self, snap: &SnapshotRef) -> Result<(), CellError> {

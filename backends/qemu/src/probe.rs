@@ -145,6 +145,8 @@ async fn run_probe(config: &QemuConfig, a: Accel) -> Availability {
         std::process::id(),
         rand::random::<u32>()
     ));
+    // Removed however the probe ends, a caller's timeout dropping this future included.
+    let _cleanup = RemoveOnDrop(root.clone());
     let dir = root.join(name);
     if let Err(e) = fs::create_dir_all(&dir) {
         return unavailable(format!("{name}: create {}: {e}", dir.display()));
@@ -182,6 +184,13 @@ async fn run_probe(config: &QemuConfig, a: Accel) -> Availability {
         }),
         Err(e) => unavailable(format!("{name}: {e}")),
     };
-    let _ = fs::remove_dir_all(&root);
     verdict
+}
+
+struct RemoveOnDrop(PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
 }

@@ -374,3 +374,20 @@ async fn accelerator_probes_boot_the_real_guest() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_create_leaves_nothing_and_frees_the_id() -> Result<()> {
+    let Some(b) = backend() else { return Ok(()) };
+    let id = id("cancel");
+    let doc = probe_doc(&id, &["exit", "4"]);
+    // A boot takes seconds; dropping the create future half-way must not leak the VM or the id.
+    let r = tokio::time::timeout(Duration::from_millis(700), b.create(&doc)).await;
+    ensure!(r.is_err(), "create finished within 700 ms: {r:?}");
+    ensure!(b.list().await.is_empty(), "a cancelled create is listed");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_no_residue(&b)?;
+    b.create(&doc).await?;
+    assert_eq!(b.wait(&id).await?.code(), Some(4));
+    b.destroy(&id).await?;
+    assert_no_residue(&b)
+}
