@@ -274,8 +274,7 @@ fn criu_reason(kind: RuntimeKind) -> String {
             let last = text
                 .lines()
                 .map(str::trim)
-                .filter(|l| !l.is_empty())
-                .last()
+                .rfind(|l| !l.is_empty())
                 .unwrap_or("failed")
                 .to_string();
             format!("criu check fails on this host: {last}")
