@@ -53,7 +53,16 @@ async fn env_is_exactly_the_declared_set_and_fds_are_0_1_2() {
     b.create(&d).await.unwrap();
     let r = b.wait(&a).await.unwrap();
     assert_eq!(r.code(), Some(0), "{}", r.stderr_str());
-    assert_eq!(r.stdout, b"Z=last=1\0HOME=/h\0A=x y\0".to_vec());
+    // runsc does not always keep the declared order once HOME is declared (seen: HOME first), so
+    // this runtime-specific test pins the set; the strict ordered rule stays in the conformance
+    // suite, where runsc's env scenarios are recorded known failures.
+    let mut got: Vec<&[u8]> = r
+        .stdout
+        .split(|&c| c == 0)
+        .filter(|s| !s.is_empty())
+        .collect();
+    got.sort();
+    assert_eq!(got, vec![&b"A=x y"[..], b"HOME=/h", b"Z=last=1"]);
     b.destroy(&a).await.unwrap();
     // Without a declared HOME the runtime itself appends one (a recorded known failure of
     // isolation::environ_exact); pinned here so a runtime that stops doing it is noticed.
