@@ -194,8 +194,12 @@ impl Availability {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Termination {
-    Exited { code: i32 },
-    Signaled { signal: i32 },
+    Exited {
+        code: i32,
+    },
+    Signaled {
+        signal: i32,
+    },
     /// Killed because it went past `limits.memoryMaxBytes` (distinct from a plain SIGKILL).
     OutOfMemory,
 }

@@ -208,7 +208,10 @@ impl CellDocument {
         if self.api_version != API_VERSION {
             return Err(CellError::invalid(
                 "apiVersion",
-                format!("unknown apiVersion {:?}, expected {API_VERSION:?}", self.api_version),
+                format!(
+                    "unknown apiVersion {:?}, expected {API_VERSION:?}",
+                    self.api_version
+                ),
             ));
         }
         if self.kind != KIND {
