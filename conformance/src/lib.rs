@@ -38,7 +38,9 @@
 //!   whose preflight says unavailable, or an expectation with `outcome = "skip"` makes the trial
 //!   ignored, and its reason is printed (and recorded in the results file).
 //! - `CELLCHECK_BACKENDS=host,runc` lists only those backends.
-//! - `CELLCHECK_STRICT=1` turns every skip not justified by an expectation into a failure.
+//! - `CELLCHECK_STRICT=1` turns every "could not run" skip (the backend's preflight says it is
+//!   unavailable on this host) into a failure; a capability the backend declares unsupported, with
+//!   its reason, stays a skip.
 //! - `CELLCHECK_EXPECTATIONS` overrides `matrix/expectations.toml` (see [`expectations`]).
 //! - `CELLCHECK_RESULTS=<path>` appends one JSON line per trial (see [`results`]).
 //! - `CELLCHECK_PREFLIGHT_CACHE=0` disables the per-backend preflight cache.

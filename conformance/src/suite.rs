@@ -205,15 +205,17 @@ impl Suite {
                         _ => None,
                     };
                     let missing = caps.as_ref().and_then(|c| sc.missing_capability(c));
-                    match unavailable.or(missing) {
-                        Some(reason) if strict => Plan::Fail(format!(
+                    // Strict mode is for "could not run": a backend the host cannot run. A
+                    // capability the backend declares unsupported (with its reason) stays a skip.
+                    match (unavailable, missing) {
+                        (Some(reason), _) if strict => Plan::Fail(format!(
                             "strict mode (CELLCHECK_STRICT=1): this trial would be skipped: {reason}"
                         )),
-                        Some(reason) => Plan::Skip {
+                        (Some(reason), _) | (None, Some(reason)) => Plan::Skip {
                             reason,
                             by_expectation: false,
                         },
-                        None => Plan::Run {
+                        (None, None) => Plan::Run {
                             known_failure: exp
                                 .filter(|e| e.outcome == ExpectedOutcome::KnownFailure)
                                 .map(|e| e.describe()),
