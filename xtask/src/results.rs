@@ -233,6 +233,46 @@ mod tests {
         assert_eq!(r[0].scenario_path(), "exit::code_42");
     }
 
+    /// `Outcome` and `TrialResult` stay separate from the suite's `ResultLine` (they add `Flaky`
+    /// and read leniently), so pin that every line the suite can write still parses here.
+    #[test]
+    fn reads_every_line_the_suite_writes() {
+        use cellcheck_conformance::results::{Outcome as S, ResultLine};
+        for (s, want) in [
+            (S::Pass, Outcome::Pass),
+            (S::Fail, Outcome::Fail),
+            (S::Skip, Outcome::Skip),
+            (S::Xfail, Outcome::Xfail),
+            (S::Xpass, Outcome::Xpass),
+        ] {
+            // Exhaustive, so a new suite outcome fails to compile until it is listed above.
+            match s {
+                S::Pass | S::Fail | S::Skip | S::Xfail | S::Xpass => {}
+            }
+            let line = ResultLine {
+                id: "host::exit::code_0".into(),
+                backend: "host".into(),
+                family: "exit".into(),
+                scenario: "code_0".into(),
+                outcome: s,
+                reason: "why".into(),
+                duration_ms: 7,
+                attributes: BTreeMap::from([("k".into(), "v".into())]),
+            };
+            let text = serde_json::to_string(&line).unwrap();
+            let r = parse_lines(&text, Path::new("r.jsonl")).unwrap();
+            assert_eq!(r[0].outcome, want);
+            assert_eq!(
+                (r[0].id.as_str(), r[0].reason.as_str()),
+                (line.id.as_str(), "why")
+            );
+            assert_eq!(
+                (r[0].duration_ms, &r[0].attributes["k"]),
+                (7, &serde_json::json!("v"))
+            );
+        }
+    }
+
     #[test]
     fn torn_line_is_an_error_naming_the_line() {
         let err = parse_lines("{\"id\":\"x\"", Path::new("r.jsonl")).unwrap_err();

@@ -105,23 +105,16 @@ pub fn render(r: &Report) -> String {
         ));
     }
     s.push_str("</ul>\n");
-    let notes: Vec<_> = r
-        .results
-        .iter()
-        .filter(|t| t.outcome != Outcome::Pass && !t.reason.is_empty())
-        .collect();
-    if !notes.is_empty() {
-        s.push_str("<h2>Reasons</h2><ul>\n");
-        for t in notes {
-            s.push_str(&format!(
+    s.push_str(
+        &r.reasons_section("<h2>Reasons</h2><ul>\n", "</ul>\n", |t| {
+            format!(
                 "<li><code>{}</code> {}: {}</li>\n",
                 x(&t.id),
                 outcome_label(t.outcome),
                 x(&t.reason)
-            ));
-        }
-        s.push_str("</ul>\n");
-    }
+            )
+        }),
+    );
     s.push_str("</body></html>\n");
     s
 }

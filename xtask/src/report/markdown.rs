@@ -38,22 +38,14 @@ pub fn render(r: &Report) -> String {
             s.push_str(&format!("- **{}**: {}\n", b.name, cell_text(&b.why)));
         }
     }
-    let notes: Vec<_> = r
-        .results
-        .iter()
-        .filter(|t| t.outcome != Outcome::Pass && !t.reason.is_empty())
-        .collect();
-    if !notes.is_empty() {
-        s.push_str("\n## Reasons\n\n");
-        for t in notes {
-            s.push_str(&format!(
-                "- `{}` {}: {}\n",
-                t.id,
-                outcome_label(t.outcome),
-                cell_text(&t.reason)
-            ));
-        }
-    }
+    s.push_str(&r.reasons_section("\n## Reasons\n\n", "", |t| {
+        format!(
+            "- `{}` {}: {}\n",
+            t.id,
+            outcome_label(t.outcome),
+            cell_text(&t.reason)
+        )
+    }));
     s
 }
 

@@ -78,6 +78,30 @@ impl Report {
         self.problems.is_empty()
     }
 
+    /// The reasons section the Markdown and HTML reports share: every trial that did not pass and
+    /// gave a reason, in result order, as `head`, one `item` each, then `tail`; empty if none.
+    fn reasons_section(
+        &self,
+        head: &str,
+        tail: &str,
+        item: impl Fn(&TrialResult) -> String,
+    ) -> String {
+        let notes: Vec<_> = self
+            .results
+            .iter()
+            .filter(|t| t.outcome != Outcome::Pass && !t.reason.is_empty())
+            .collect();
+        if notes.is_empty() {
+            return String::new();
+        }
+        let mut s = head.to_string();
+        for t in notes {
+            s.push_str(&item(t));
+        }
+        s.push_str(tail);
+        s
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report always serializes") + "\n"
     }
