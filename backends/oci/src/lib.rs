@@ -534,10 +534,16 @@ impl Inner {
             .and_then(|s| s.trim().parse::<u32>().ok());
         let started = Instant::now();
         let waiter = if restore_from.is_none() {
+            let exe_before = host_pid.and_then(proc_exe);
             let out = rt.run(&["start", rid]).await;
             if !out.ok {
                 let msg = out.message(self.kind);
                 return Err((self.map_start_error("start", cell, &msg), Some(shim)));
+            }
+            if self.kind != RuntimeKind::Runsc {
+                if let Some(pid) = host_pid {
+                    await_exec(pid, exe_before, Duration::from_secs(5)).await;
+                }
             }
             None
         } else {
@@ -1391,5 +1397,23 @@ impl Inner {
             .await
             .map_err(|_| failure("wait", "the cell's monitor ended without a result"))?;
         r.clone().expect("checked by wait_for")
+    }
+}
+
+fn proc_exe(pid: u32) -> Option<PathBuf> {
+    fs::read_link(format!("/proc/{pid}/exe")).ok()
+}
+
+/// `start` returns once the container is told to go, not once its init has exec'd the workload:
+/// until then the pid still runs the runtime's init (holding its exec fifo as an fd). Wait, within
+/// a bound, until the pid's executable changes (or it is gone), so the pid handed out is the workload.
+async fn await_exec(pid: u32, before: Option<PathBuf>, bound: Duration) {
+    let deadline = Instant::now() + bound;
+    while Instant::now() < deadline {
+        match proc_exe(pid) {
+            Some(now) if Some(&now) == before.as_ref() => {}
+            _ => return,
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }
