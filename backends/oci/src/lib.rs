@@ -339,21 +339,26 @@ impl Inner {
         self.root.join("snapshots").join(rid)
     }
 
+    /// What the runtime keeps for a container under its `--root`.
+    fn state_entries(&self, rid: &str) -> Vec<PathBuf> {
+        let state = self.root.join("state");
+        match self.kind {
+            RuntimeKind::Runsc => vec![
+                state.join(format!("{rid}_sandbox:{rid}.state")),
+                state.join(format!("{rid}_sandbox:{rid}.lock")),
+            ],
+            _ => vec![state.join(rid)],
+        }
+    }
+
     fn cgroup_dirs(&self, rid: &str) -> Vec<PathBuf> {
         self.hierarchies.iter().map(|h| h.join(rid)).collect()
     }
 
     fn footprint(&self, id: &str) -> Footprint {
         let rid = self.rid(id);
-        let state = self.root.join("state");
         let mut paths = vec![self.bundle_dir(&rid), self.snapshot_parent(&rid)];
-        match self.kind {
-            RuntimeKind::Runsc => {
-                paths.push(state.join(format!("{rid}_sandbox:{rid}.state")));
-                paths.push(state.join(format!("{rid}_sandbox:{rid}.lock")));
-            }
-            _ => paths.push(state.join(&rid)),
-        }
+        paths.extend(self.state_entries(&rid));
         Footprint {
             process_markers: vec![rid.clone()],
             cgroup_dirs: self.cgroup_dirs(&rid),
@@ -621,6 +626,20 @@ impl Inner {
                 problems.push(format!(
                     "runtime processes of {rid} did not exit within {TEARDOWN_WAIT:?}"
                 ));
+            }
+        }
+        // runsc was seen to leave its lock file behind after deleting a container whose create
+        // failed; once the runtime's processes are gone nothing can hold these any more.
+        for entry in self.state_entries(rid) {
+            let removed = if entry.is_dir() {
+                fs::remove_dir_all(&entry)
+            } else {
+                fs::remove_file(&entry)
+            };
+            if let Err(e) = removed {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    problems.push(format!("remove {}: {e}", entry.display()));
+                }
             }
         }
         for cg in self.cgroup_dirs(rid) {
