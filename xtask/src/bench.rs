@@ -53,8 +53,9 @@ pub fn run(args: &[String]) -> Result<bool> {
             println!("bench {name}: skipped ({package} has no examples/bench.rs)");
             continue;
         }
+        let example = format!("bench-{}", package.trim_start_matches("cellcheck-"));
         println!(
-            "bench {name}: cargo run --release -p {package} --example bench -- {}",
+            "bench {name}: cargo run --release -p {package} --example {example} -- {}",
             extra.join(" ")
         );
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
@@ -65,7 +66,7 @@ pub fn run(args: &[String]) -> Result<bool> {
                 "-p",
                 package,
                 "--example",
-                "bench",
+                &example,
                 "--",
             ])
             .args(*extra)

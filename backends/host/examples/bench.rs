@@ -1,6 +1,6 @@
 //! Cell lifecycle cost against the bare namespaces it is made of.
 //!
-//! `cargo run --release -p cellcheck-host --example bench -- [N]` (root): N times create → wait →
+//! `cargo run --release -p cellcheck-host --example bench-host -- [N]` (root): N times create → wait →
 //! destroy of `cellcheck-probe exit 0`, and N times `unshare` with the same namespaces plus
 //! `chroot` into the fixture rootfs running the same probe, alternating so both see the same
 //! machine state. Prints median, p90 and the ratio, and writes

@@ -1,6 +1,6 @@
 //! Our create → wait → destroy beside the runtime run by hand on the same bundle, in one run.
 //!
-//! `cargo run --release -p cellcheck-oci --example bench -- --runtime runsc [N]` writes
+//! `cargo run --release -p cellcheck-oci --example bench-oci -- --runtime runsc [N]` writes
 //! `target/conformance/bench-<runtime>.json` (medians, p90s, ratios). For runsc it also times
 //! snapshot and restore through the backend beside `runsc checkpoint` / `runsc restore` by hand.
 

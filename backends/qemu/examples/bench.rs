@@ -2,7 +2,7 @@
 //! restore through the backend, beside a plain `qemu-system-x86_64` boot of the same kernel and
 //! initramfs to the same marker (the agent's ready line), measured in the same run.
 //!
-//! `cargo run -p cellcheck-qemu --example bench [ROUNDS]` writes
+//! `cargo run -p cellcheck-qemu --example bench-qemu [ROUNDS]` writes
 //! `<target>/conformance/bench-qemu.json`.
 
 use std::path::Path;

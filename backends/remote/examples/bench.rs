@@ -2,7 +2,7 @@
 //! `RemoteBackend` over `cellcheck-driver host` versus the host backend in process, interleaved
 //! in the same run. Writes medians and ratios to `target/conformance/bench-remote.json`.
 //!
-//! `cargo run -p cellcheck-remote --example bench [-- ROUNDS]` (root; builds the driver first).
+//! `cargo run -p cellcheck-remote --example bench-remote [-- ROUNDS]` (root; builds the driver first).
 
 use std::time::{Duration, Instant};
 
