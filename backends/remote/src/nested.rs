@@ -375,6 +375,14 @@ impl NestedBackend {
                 Err(_) => p,
             })
             .collect();
+        // The inner backend's instance dirs belong to this one outer cell, so they are the
+        // cell's residue too.
+        let parents: Vec<PathBuf> = f
+            .cgroup_dirs
+            .iter()
+            .filter_map(|d| d.parent().map(Path::to_path_buf))
+            .collect();
+        f.cgroup_dirs.extend(parents);
         f
     }
 
@@ -503,9 +511,7 @@ impl NestedBackend {
     fn sweep(&self, outer_id: &str, inner_id: Option<&str>) {
         if let Some(id) = inner_id {
             let f = self.inner_footprint(id);
-            for d in &f.cgroup_dirs {
-                let _ = fs::remove_dir(d);
-            }
+            remove_cgroup_dirs_and_parents(&f.cgroup_dirs);
             for p in &f.paths {
                 let _ = fs::remove_dir_all(p);
             }
@@ -533,6 +539,17 @@ impl NestedBackend {
                 );
                 Ok(true)
             }
+        }
+    }
+}
+
+/// Remove an inner cell's cgroup dirs and their parents: the inner backend's instance dir is named
+/// after the one outer cell it runs in, so nothing else lives there (a busy dir stays: rmdir fails).
+fn remove_cgroup_dirs_and_parents(dirs: &[PathBuf]) {
+    for d in dirs {
+        let _ = fs::remove_dir(d);
+        if let Some(parent) = d.parent() {
+            let _ = fs::remove_dir(parent);
         }
     }
 }
@@ -810,11 +827,8 @@ impl Drop for Inner {
         // Dropping the outer backend destroys every outer cell it still tracks.
         drop(self.outer.take());
         for (id, c) in &cells {
-            let mut f = inner_footprint_in_cell(&c.outer_id, id);
-            f.paths.clear();
-            for d in &f.cgroup_dirs {
-                let _ = fs::remove_dir(d);
-            }
+            let f = inner_footprint_in_cell(&c.outer_id, id);
+            remove_cgroup_dirs_and_parents(&f.cgroup_dirs);
         }
         let _ = fs::remove_dir_all(&self.root);
         // The shared parent goes with the last instance (fails harmlessly while others live).
