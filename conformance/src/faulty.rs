@@ -15,7 +15,7 @@ use cellcheck_contract::{
     ExitReport, Footprint, SnapshotRef, TeardownReport, Termination,
 };
 
-use crate::ids::{canary, MARKER_VAR};
+use crate::ids::{canary, declared_marker, MARKER_VAR};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fault {
@@ -165,14 +165,7 @@ impl Backend for FaultyBackend {
         self.created.lock().unwrap().push(id.clone());
         match self.fault {
             Fault::LeakProcess => {
-                let marker = doc
-                    .spec
-                    .run
-                    .env
-                    .iter()
-                    .find(|e| e.name == MARKER_VAR)
-                    .map(|e| e.value.clone())
-                    .unwrap_or_else(|| id.clone());
+                let marker = declared_marker(doc).unwrap_or_else(|| id.clone());
                 let child = Command::new("sleep")
                     .arg("3600")
                     .env_clear()

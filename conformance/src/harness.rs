@@ -306,14 +306,7 @@ impl Ctx {
     fn ensure_registered(&self, id: &str, doc: &CellDocument) {
         let mut st = self.st();
         if !st.cells.iter().any(|c| c.id == id) {
-            let marker = doc
-                .spec
-                .run
-                .env
-                .iter()
-                .find(|e| e.name == MARKER_VAR)
-                .map(|e| e.value.clone())
-                .unwrap_or_default();
+            let marker = ids::declared_marker(doc).unwrap_or_default();
             st.cells.push(CellRec {
                 id: id.to_string(),
                 marker,

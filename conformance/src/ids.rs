@@ -8,6 +8,16 @@ use rand::Rng;
 /// by marker (never by name).
 pub const MARKER_VAR: &str = "CELLCHECK_MARKER";
 
+/// The marker a document declares in its env, if any.
+pub fn declared_marker(doc: &cellcheck_contract::CellDocument) -> Option<String> {
+    doc.spec
+        .run
+        .env
+        .iter()
+        .find(|e| e.name == MARKER_VAR)
+        .map(|e| e.value.clone())
+}
+
 const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
 /// `len` random characters from `[a-z0-9]`.
