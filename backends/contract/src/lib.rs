@@ -23,6 +23,7 @@
 
 mod error;
 pub mod spec;
+pub mod table;
 
 use std::collections::BTreeMap;
 use std::fmt;
