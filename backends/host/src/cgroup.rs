@@ -276,12 +276,39 @@ fn write(path: &Path, value: &str) -> io::Result<()> {
 impl CellDir {
     /// Create the directory (and its `cellcheck/<instance>` parents), enabling v2 controllers on
     /// the way down, and write the limits.
+    ///
+    /// The parents are shared: `cellcheck/<instance>` by the cells of one backend, `cellcheck` by
+    /// every backend instance on the host (other processes too), and [`CellDir::remove`] removes
+    /// a parent once it is empty so nothing is left behind. That is safe because a cgroup with
+    /// a child cannot be removed (EBUSY): once our directory exists, its parents stay. The one
+    /// window left is a parent removed between our mkdir of it and our mkdir (or
+    /// `subtree_control` write) inside it, which then fails with ENOENT; we walk down from the
+    /// hierarchy's root again. Each such restart needs a concurrent cleanup that found the
+    /// parent empty in that window, so the walk ends; the bound only turns a missing hierarchy
+    /// into an error instead of a loop.
     pub fn create(
         &self,
         memory: Option<u64>,
         pids: Option<u64>,
         cpu: Option<CpuMax>,
     ) -> io::Result<()> {
+        const MAX_WALKS: u32 = 1000;
+        let mut walks = 1;
+        loop {
+            match self.make_path() {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && walks < MAX_WALKS => walks += 1,
+                r => break r?,
+            }
+        }
+        let has_memsw = self.dir.join("memory.memsw.limit_in_bytes").exists();
+        for (file, value) in limit_writes(self, memory, pids, cpu, has_memsw) {
+            write(&self.dir.join(file), &value)?;
+        }
+        Ok(())
+    }
+
+    /// One walk from the hierarchy's root down to the cell's directory (see [`CellDir::create`]).
+    fn make_path(&self) -> io::Result<()> {
         let rel = self.dir.strip_prefix(&self.base).unwrap_or(&self.dir);
         let mut cur = self.base.clone();
         for part in rel.components() {
@@ -314,10 +341,6 @@ impl CellDir {
                     ))
                 }
             }
-        }
-        let has_memsw = self.dir.join("memory.memsw.limit_in_bytes").exists();
-        for (file, value) in limit_writes(self, memory, pids, cpu, has_memsw) {
-            write(&self.dir.join(file), &value)?;
         }
         Ok(())
     }
@@ -400,7 +423,8 @@ impl CellDir {
                 }
             }
         }
-        // The instance and `cellcheck` parents go when empty; another instance may still use them.
+        // The instance and `cellcheck` parents go when empty. One still in use refuses (EBUSY) and
+        // stops the walk; a creator racing this removal walks again (see `create`).
         let mut p = self.dir.parent();
         while let Some(d) = p {
             if d == self.base || fs::remove_dir(d).is_err() {
@@ -462,6 +486,128 @@ mod tests {
             unified_controllers: set(unified.unwrap_or(&[])),
             v1: set(v1),
         }
+    }
+
+    /// Where the race tests put their shared parent: named by the environment when a test runs
+    /// this one in two processes at once, else private to this process.
+    const RACE_TOP_ENV: &str = "CELLCHECK_CGROUP_RACE_TOP";
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// `threads` threads per instance, each creating and removing its own cells `rounds` times
+    /// under `<hierarchy>/<top>/<instance>/`, with instances sharing `<top>` the way every
+    /// backend shares `cellcheck`. Returns every error seen.
+    fn churn(top: &str, instances: usize, threads: usize, rounds: usize) -> Vec<String> {
+        let plan = HostLayout::detect(Path::new("/sys/fs/cgroup")).plan();
+        assert_eq!(plan.unusable(), None, "this host's cgroups: {plan:?}");
+        let me = std::process::id();
+        let workers: Vec<_> = (0..instances * threads)
+            .map(|w| {
+                let (plan, top) = (plan.clone(), top.to_string());
+                std::thread::spawn(move || {
+                    let instance = format!("{me}-{}", w % instances);
+                    let mut errors = Vec::new();
+                    for r in 0..rounds {
+                        let dirs: Vec<CellDir> = plan
+                            .cell_dirs(&instance, &format!("c{w}-{r}"))
+                            .into_iter()
+                            .map(|d| CellDir {
+                                dir: d.base.join(&top).join(&instance).join(format!("c{w}-{r}")),
+                                ..d
+                            })
+                            .collect();
+                        for d in &dirs {
+                            if let Err(e) = d.create(None, Some(8), None) {
+                                errors.push(e.to_string());
+                            }
+                        }
+                        for d in &dirs {
+                            if let Err(e) = d.remove() {
+                                errors.push(e.to_string());
+                            }
+                        }
+                    }
+                    errors
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .flat_map(|w| w.join().unwrap())
+            .collect()
+    }
+
+    fn leftovers(top: &str) -> Vec<PathBuf> {
+        let plan = HostLayout::detect(Path::new("/sys/fs/cgroup")).plan();
+        let mut bases: Vec<PathBuf> = plan
+            .cell_dirs("i", "c")
+            .into_iter()
+            .map(|d| d.base.join(top))
+            .collect();
+        bases.retain(|p| p.exists());
+        bases
+    }
+
+    #[test]
+    fn creates_racing_removals_of_the_shared_parents_never_fail() {
+        if !is_root() {
+            eprintln!("skipped: cgroups need root");
+            return;
+        }
+        let shared = std::env::var(RACE_TOP_ENV).ok();
+        let top = shared
+            .clone()
+            .unwrap_or_else(|| format!("cellcheck-race-{}", std::process::id()));
+        // Two creators per instance: the instance parent empties (and is removed) often, and so
+        // does the top every instance shares.
+        let errors = churn(&top, 16, 2, 40);
+        assert!(errors.is_empty(), "{} errors: {errors:#?}", errors.len());
+        if shared.is_none() {
+            assert_eq!(leftovers(&top), Vec::<PathBuf>::new());
+        }
+    }
+
+    #[test]
+    fn two_processes_creating_under_one_shared_parent_never_fail() {
+        if !is_root() {
+            eprintln!("skipped: cgroups need root");
+            return;
+        }
+        // The same churn in two processes at once (nextest runs every trial in a process of its
+        // own, so backends in different processes share `cellcheck`).
+        let top = format!("cellcheck-race2-{}", std::process::id());
+        let exe = std::env::current_exe().unwrap();
+        let children: Vec<_> = (0..2)
+            .map(|_| {
+                std::process::Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "cgroup::tests::creates_racing_removals_of_the_shared_parents_never_fail",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
+                    .env(RACE_TOP_ENV, &top)
+                    .stdin(std::process::Stdio::null())
+                    .stdout(std::process::Stdio::piped())
+                    .stderr(std::process::Stdio::piped())
+                    .spawn()
+                    .unwrap()
+            })
+            .collect();
+        for child in children {
+            let out = child.wait_with_output().unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && text.contains("1 passed"),
+                "{}: {text}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        assert_eq!(leftovers(&top), Vec::<PathBuf>::new());
     }
 
     #[test]

@@ -481,8 +481,16 @@ impl Inner {
         }
     }
 
-    /// Create the state root (mode 0700), remembering which missing parents we made.
-    fn make_state_root(&self) -> io::Result<()> {
+    /// Create the cell's state directory and the state root above it (mode 0700), remembering
+    /// which missing parents of the root we made.
+    ///
+    /// The state root and its parents are removed once empty, by this instance and by others
+    /// sharing a parent (other processes, other backends under the same base), so our mkdir of
+    /// a directory may find its parent just removed (ENOENT). Then we walk again from the top:
+    /// the same protocol as the cgroup parents (`CellDir::create`). Once the cell's directory
+    /// exists, its parents are not empty and stay.
+    fn make_state_dir(&self, state_dir: &Path) -> io::Result<()> {
+        const MAX_WALKS: u32 = 1000;
         let mut made = lock(&self.made_parents);
         let mut missing = Vec::new();
         let mut p = self.cfg.state_root.parent();
@@ -493,15 +501,15 @@ impl Inner {
             missing.push(d.to_path_buf());
             p = d.parent();
         }
-        // Another instance may remove a shared parent it made between our steps: try again.
-        let mut tries = 0;
+        let mut walks = 1;
         loop {
-            match fs::DirBuilder::new()
+            let r = fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(&self.cfg.state_root)
-            {
-                Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 => tries += 1,
+                .and_then(|()| fs::DirBuilder::new().mode(0o700).create(state_dir));
+            match r {
+                Err(e) if e.kind() == io::ErrorKind::NotFound && walks < MAX_WALKS => walks += 1,
                 r => break r?,
             }
         }
@@ -562,11 +570,7 @@ impl Inner {
         dirs: &[CellDir],
         made: &mut Partial,
     ) -> Result<(u32, Option<u32>, std::thread::JoinHandle<()>, Arc<Shared>), CellError> {
-        self.make_state_root()
-            .map_err(|e| failure(format!("create {}: {e}", self.cfg.state_root.display())))?;
-        fs::DirBuilder::new()
-            .mode(0o700)
-            .create(state_dir)
+        self.make_state_dir(state_dir)
             .map_err(|e| failure(format!("create {}: {e}", state_dir.display())))?;
         made.state_dir = Some(state_dir.to_path_buf());
         let newroot = state_dir.join("root");
@@ -626,20 +630,17 @@ impl Inner {
         sync.write_all(b"g")
             .map_err(|e| failure(format!("start init: {e}")))?;
         let deadline = Some(Instant::now() + START_TIMEOUT);
-        let mut pid1 = None;
-        let mut host_pid = None;
-        loop {
+        let mut startup = Startup::default();
+        while !startup.complete() {
             let msg = status
                 .next(deadline)
                 .map_err(|e| failure(format!("init: {e}")))?;
             match msg {
-                Some(Status::Pid1(p)) => pid1 = Some(p),
                 Some(Status::Forked(nspid)) => {
-                    host_pid = find_host_pid(dirs, nspid);
+                    startup.host_pid = find_host_pid(dirs, nspid);
                     sync.write_all(b"g")
                         .map_err(|e| failure(format!("init: {e}")))?;
                 }
-                Some(Status::Started(_)) => break,
                 Some(Status::Failed {
                     step,
                     errno,
@@ -668,20 +669,21 @@ impl Inner {
                         _ => failure(format!("init {step}: {message}")),
                     });
                 }
-                Some(other) => return Err(failure(format!("init: unexpected {other:?}"))),
+                Some(other) => startup.note(other)?,
                 None => {
                     let mut err = String::new();
                     let _ = fs::File::open(state_dir.join("stderr"))
                         .and_then(|mut f| f.read_to_string(&mut err));
                     return Err(failure(format!(
-                        "init ended before starting the workload: {}",
+                        "init ended before starting the workload ({}): {}",
+                        startup.missing(),
                         err.trim()
                     )));
                 }
             }
         }
         drop(sync);
-        let pid1 = pid1.ok_or_else(|| failure("init did not report pid 1"))?;
+        let pid1 = startup.pid1.expect("complete");
         let (done, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             st: Mutex::new(CellState::default()),
@@ -689,11 +691,12 @@ impl Inner {
         });
         let child = made.child.take().expect("spawned above");
         let sh = shared.clone();
+        let early_end = startup.end;
         let supervisor = std::thread::Builder::new()
             .name(format!("cell-{}", cell.id()))
-            .spawn(move || supervise(child, status, sh))
+            .spawn(move || supervise(child, status, early_end, sh))
             .map_err(|e| failure(format!("supervisor thread: {e}")))?;
-        Ok((pid1, host_pid, supervisor, shared))
+        Ok((pid1, startup.host_pid, supervisor, shared))
     }
 
     /// Kill everything of the cell and remove its resources (blocking). Returns whether the
@@ -856,9 +859,61 @@ impl Partial {
     }
 }
 
-/// Per cell: read the init's status until pid 1 is gone, then reap the init.
-fn supervise(mut child: Child, mut status: StatusReader, shared: Arc<Shared>) {
-    let mut end = None;
+/// What a cell's init reported while the cell starts.
+///
+/// Two processes write the one status pipe: the outer init reports pid 1's host pid (`Pid1`)
+/// right after forking it, while pid 1 itself reports the workload's fork, start and end. The two
+/// run concurrently, so `Pid1` may arrive before, between or after any of pid 1's lines (on a busy
+/// host the outer init is often scheduled last). Startup is complete once both `Pid1` and
+/// `Started` are in, in whichever order; an end read on the way is kept for the supervisor.
+#[derive(Debug, Default)]
+struct Startup {
+    pid1: Option<u32>,
+    host_pid: Option<u32>,
+    started: bool,
+    end: Option<End>,
+}
+
+impl Startup {
+    fn complete(&self) -> bool {
+        self.started && self.pid1.is_some()
+    }
+
+    /// Take in a status line other than `Forked` and `Failed` (those need the caller's I/O).
+    fn note(&mut self, s: Status) -> Result<(), CellError> {
+        match s {
+            Status::Pid1(p) => self.pid1 = Some(p),
+            Status::Started(_) => self.started = true,
+            Status::Exited(c) if self.started => self.end = Some(End::Exited(c)),
+            Status::Signaled(s) if self.started => self.end = Some(End::Signaled(s)),
+            other => {
+                return Err(failure(format!(
+                    "init: unexpected {other:?} while starting"
+                )))
+            }
+        }
+        Ok(())
+    }
+
+    /// What the init had not reported yet, for the error when it ended early.
+    fn missing(&self) -> &'static str {
+        match (self.pid1.is_some(), self.started) {
+            (false, false) => "neither pid 1 nor the workload's start reported",
+            (false, true) => "pid 1 not reported",
+            (true, false) => "the workload's start not reported",
+            (true, true) => "nothing missing",
+        }
+    }
+}
+
+/// Per cell: read the init's status until pid 1 is gone, then reap the init. `end` is what the
+/// startup already read of the workload's end (it may end before pid 1's own number arrives).
+fn supervise(
+    mut child: Child,
+    mut status: StatusReader,
+    mut end: Option<End>,
+    shared: Arc<Shared>,
+) {
     while let Ok(Some(s)) = status.next(None) {
         match s {
             Status::Exited(c) => end = Some(End::Exited(c)),
@@ -1124,3 +1179,51 @@ impl Drop for Inner {
 }
 
 mod exec;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(lines: &[Status]) -> Result<Startup, CellError> {
+        let mut s = Startup::default();
+        for l in lines {
+            if s.complete() {
+                break;
+            }
+            s.note(l.clone())?;
+        }
+        Ok(s)
+    }
+
+    #[test]
+    fn startup_completes_whatever_the_order_of_the_two_writers() {
+        use Status::{Exited, Pid1, Started};
+        // Pid 1's own lines keep their order; the outer init's `Pid1` may land anywhere.
+        for (lines, end) in [
+            (vec![Pid1(7), Started(2), Exited(3)], None),
+            (vec![Started(2), Pid1(7), Exited(3)], None),
+            (vec![Started(2), Exited(3), Pid1(7)], Some(End::Exited(3))),
+            (
+                vec![Started(2), Status::Signaled(9), Pid1(7)],
+                Some(End::Signaled(9)),
+            ),
+        ] {
+            let s = feed(&lines).unwrap();
+            assert!(s.complete(), "{lines:?}");
+            assert_eq!(s.pid1, Some(7), "{lines:?}");
+            assert_eq!(s.end, end, "{lines:?}");
+        }
+    }
+
+    #[test]
+    fn startup_names_what_is_missing_and_refuses_an_end_before_the_start() {
+        let s = feed(&[Status::Started(2)]).unwrap();
+        assert!(!s.complete());
+        assert_eq!(s.missing(), "pid 1 not reported");
+        assert_eq!(
+            feed(&[]).unwrap().missing(),
+            "neither pid 1 nor the workload's start reported"
+        );
+        assert!(feed(&[Status::Pid1(7), Status::Exited(0)]).is_err());
+    }
+}

@@ -755,3 +755,87 @@ async fn an_abandoned_create_still_ends_in_a_live_cell_that_destroy_removes() {
     assert!(t.killed_running);
     assert_clean(&b.footprint(&id));
 }
+
+/// Set by `two_processes_churn_at_once` for its child processes: they churn, nothing else.
+const CHURN_CHILD_ENV: &str = "CELLCHECK_HOST_CHURN_CHILD";
+
+/// 32 creators at once, each running short cells back to back on one backend: the load under
+/// which shared parents (cgroup, state root) are removed while another create is between its
+/// mkdirs, and the init's status lines arrive in any order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn thirty_two_concurrent_creators_never_fail() {
+    let Some(b) = backend() else { return };
+    let rounds = 4;
+    let tasks: Vec<_> = (0..32)
+        .map(|t| {
+            let b = b.clone();
+            tokio::spawn(async move {
+                let mut errors = Vec::new();
+                for r in 0..rounds {
+                    let id = format!("churn{}-{t}-{r}", std::process::id());
+                    let doc = CellDocument::new(&id, ["/bin/sh", "-c", &format!("exit {t}")]);
+                    let fp = b.footprint(&id);
+                    match b.create(&doc).await {
+                        Ok(_) => {
+                            match b.wait(&id).await {
+                                Ok(rep) if rep.code() == Some(t) => {}
+                                other => errors.push(format!("{id}: wait: {other:?}")),
+                            }
+                            if let Err(e) = b.destroy(&id).await {
+                                errors.push(format!("{id}: destroy: {e}"));
+                            }
+                        }
+                        Err(e) => errors.push(format!("{id}: create: {e}")),
+                    }
+                    assert_clean(&fp);
+                }
+                errors
+            })
+        })
+        .collect();
+    let mut errors = Vec::new();
+    for t in tasks {
+        errors.extend(t.await.unwrap());
+    }
+    assert!(errors.is_empty(), "{} errors: {errors:#?}", errors.len());
+    assert!(b.list().await.is_empty());
+    if std::env::var_os(CHURN_CHILD_ENV).is_none() {
+        assert!(!b.config().state_root.exists(), "state root left");
+    }
+}
+
+/// The same churn in two processes at once: nextest runs each trial in a process of its own, so
+/// backends in different processes share the `cellcheck` cgroup parents and the state base.
+#[test]
+fn two_processes_churn_at_once() {
+    if backend().is_none() {
+        return;
+    }
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (0..2)
+        .map(|_| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "thirty_two_concurrent_creators_never_fail",
+                    "--nocapture",
+                ])
+                .env(CHURN_CHILD_ENV, "1")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && text.contains("1 passed"),
+            "{}: {text}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
