@@ -7,17 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use cellcheck_registry::{Bench, Registry};
 
 use crate::util::{out_dir, project_root};
-
-/// (backend, package, extra args after `--`).
-const BENCHES: &[(&str, &str, &[&str])] = &[
-    ("host", "cellcheck-host", &[]),
-    ("runc", "cellcheck-oci", &["--runtime", "runc"]),
-    ("runsc", "cellcheck-oci", &["--runtime", "runsc"]),
-    ("qemu", "cellcheck-qemu", &[]),
-    ("remote", "cellcheck-remote", &[]),
-];
 
 fn example_exists(package: &str) -> bool {
     let dir = package.trim_start_matches("cellcheck-");
@@ -28,35 +20,40 @@ fn example_exists(package: &str) -> bool {
         .exists()
 }
 
-pub fn run(args: &[String]) -> Result<bool> {
-    let mut only = Vec::new();
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--backend" => only.push(it.next().context("--backend needs a name")?.clone()),
-            other => bail!(
-                "bench: unknown argument {other:?} (usage: cargo xtask bench [--backend NAME]...)"
-            ),
+/// The registry's benchmarks, each selected by its own name or its backend's.
+fn benches(registry: &Registry, only: &[String]) -> Result<Vec<Bench>> {
+    let all: Vec<(String, Bench)> = registry
+        .entries()
+        .iter()
+        .filter_map(|e| Some((e.name.clone(), e.bench.clone()?)))
+        .collect();
+    for o in only {
+        if !all.iter().any(|(b, bench)| b == o || bench.name == o) {
+            let known: Vec<&str> = all.iter().map(|(_, b)| b.name).collect();
+            bail!(
+                "bench: no benchmark for {o:?} (known: {})",
+                known.join(", ")
+            );
         }
     }
-    for b in &only {
-        if !BENCHES.iter().any(|(n, _, _)| n == b) {
-            bail!("bench: no benchmark for {b:?}");
-        }
-    }
+    Ok(all
+        .into_iter()
+        .filter(|(b, bench)| only.is_empty() || only.iter().any(|o| o == b || o == bench.name))
+        .map(|(_, bench)| bench)
+        .collect())
+}
+
+pub fn run(only: &[String]) -> Result<bool> {
     let mut ok = true;
-    for (name, package, extra) in BENCHES {
-        if !only.is_empty() && !only.iter().any(|o| o == name) {
-            continue;
-        }
+    for bench in benches(&Registry::builtin(), only)? {
+        let (name, package, example) = (bench.name, bench.package, bench.example);
         if !example_exists(package) {
             println!("bench {name}: skipped ({package} has no examples/bench.rs)");
             continue;
         }
-        let example = format!("bench-{}", package.trim_start_matches("cellcheck-"));
         println!(
             "bench {name}: cargo run --release -p {package} --example {example} -- {}",
-            extra.join(" ")
+            bench.args.join(" ")
         );
         let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
             .current_dir(project_root())
@@ -66,10 +63,10 @@ pub fn run(args: &[String]) -> Result<bool> {
                 "-p",
                 package,
                 "--example",
-                &example,
+                example,
                 "--",
             ])
-            .args(*extra)
+            .args(bench.args)
             .status()
             .with_context(|| format!("run the {name} benchmark"))?;
         if !status.success() {
@@ -157,6 +154,20 @@ fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<(String, String)>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn benches_are_chosen_by_bench_or_backend_name() {
+        let r = Registry::builtin();
+        let names = |only: &[&str]| -> Vec<&str> {
+            let only: Vec<String> = only.iter().map(|s| s.to_string()).collect();
+            benches(&r, &only).unwrap().iter().map(|b| b.name).collect()
+        };
+        assert_eq!(names(&[]), ["host", "runc", "runsc", "qemu", "remote"]);
+        assert_eq!(names(&["remote-python"]), ["remote"]);
+        assert_eq!(names(&["remote", "host"]), ["host", "remote"]);
+        let e = benches(&r, &["crun".to_string()]).unwrap_err();
+        assert!(format!("{e}").contains("no benchmark for \"crun\""), "{e}");
+    }
 
     #[test]
     fn bench_files_become_tables() {

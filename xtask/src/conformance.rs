@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 
-use crate::matrix::{self, ClassMatrix, Selected};
+use crate::classes::ClassMatrix;
+use crate::matrix::{self, Selected};
 use crate::probe;
 use crate::report::Report;
 use crate::results::{self, Outcome, TrialResult};
@@ -21,56 +22,34 @@ use crate::verdict::{self, Judged, ProblemKind};
 const PACKAGE: &str = "cellcheck-conformance";
 const TEST: &str = "conformance";
 
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+/// `cargo xtask conformance`'s flags.
+#[derive(Debug, Clone, PartialEq, Eq, Default, clap::Args)]
 pub struct Options {
+    /// Run only this backend (even if the probe says this host cannot); repeatable.
+    #[arg(long = "backend", value_name = "NAME")]
     pub backends: Vec<String>,
+    /// Turn "could not run" skips into failures (release gating).
+    #[arg(long)]
     pub strict: bool,
+    /// Run every trial N times; runs that disagree make the trial flaky.
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub repeat: u32,
-    /// (K, N): this run is shard K of N.
+    /// Run shard K of N (nextest's count partitioning).
+    #[arg(long, value_name = "K/N", value_parser = parse_partition)]
     pub partition: Option<(u32, u32)>,
+    /// Do not build the fixtures first.
+    #[arg(long)]
     pub no_build: bool,
 }
 
-pub const USAGE: &str = "cargo xtask conformance [--backend NAME]... [--strict] [--repeat N] [--partition K/N] [--no-build]";
-
-pub fn parse_args(args: &[String]) -> Result<Options> {
-    let mut o = Options {
-        repeat: 1,
-        ..Options::default()
-    };
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        let mut value = |flag: &str| {
-            it.next()
-                .cloned()
-                .with_context(|| format!("{flag} needs a value (usage: {USAGE})"))
-        };
-        match a.as_str() {
-            "--backend" => o.backends.push(value("--backend")?),
-            "--strict" => o.strict = true,
-            "--no-build" => o.no_build = true,
-            "--repeat" => {
-                let v = value("--repeat")?;
-                o.repeat = v
-                    .parse()
-                    .ok()
-                    .filter(|n| *n >= 1)
-                    .with_context(|| format!("--repeat {v:?}: want a whole number ≥ 1"))?;
-            }
-            "--partition" => o.partition = Some(parse_partition(&value("--partition")?)?),
-            other => bail!("conformance: unknown argument {other:?} (usage: {USAGE})"),
-        }
-    }
-    Ok(o)
-}
-
-pub fn parse_partition(v: &str) -> Result<(u32, u32)> {
+pub fn parse_partition(v: &str) -> Result<(u32, u32), String> {
     let parsed = v
         .split_once('/')
         .and_then(|(k, n)| Some((k.parse::<u32>().ok()?, n.parse::<u32>().ok()?)));
     match parsed {
         Some((k, n)) if n >= 1 && (1..=n).contains(&k) => Ok((k, n)),
-        _ => bail!("--partition {v:?}: want K/N with 1 ≤ K ≤ N"),
+        _ => Err(format!("{v:?}: want K/N with 1 ≤ K ≤ N")),
     }
 }
 
@@ -291,8 +270,7 @@ pub fn complete(
     results
 }
 
-pub fn run(args: &[String]) -> Result<bool> {
-    let opts = parse_args(args)?;
+pub fn run(opts: &Options) -> Result<bool> {
     let dir = out_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
 
@@ -496,16 +474,23 @@ fn first_line(s: &str) -> &str {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
+    fn parse_args(s: &str) -> Result<Options, clap::Error> {
+        #[derive(clap::Parser)]
+        struct T {
+            #[command(flatten)]
+            o: Options,
+        }
+        use clap::Parser;
+        T::try_parse_from(std::iter::once("conformance").chain(s.split_whitespace())).map(|t| t.o)
     }
 
     #[test]
     fn flags_parse_and_bad_ones_are_refused() {
-        let o = parse_args(&args(
+        let o = parse_args(
             "--backend host --backend runc --strict --repeat 3 --partition 2/4 --no-build",
-        ))
+        )
         .unwrap();
+        assert_eq!(parse_args("").unwrap().repeat, 1);
         assert_eq!(o.backends, ["host", "runc"]);
         assert!(o.strict && o.no_build);
         assert_eq!(o.repeat, 3);
@@ -518,7 +503,7 @@ mod tests {
             "--backend",
             "--frobnicate",
         ] {
-            assert!(parse_args(&args(bad)).is_err(), "{bad}");
+            assert!(parse_args(bad).is_err(), "{bad}");
         }
     }
 

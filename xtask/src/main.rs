@@ -1,10 +1,14 @@
 //! Project tasks: probe the host, pick the matrix, run the conformance suite, write reports.
 //!
 //! A plain binary, one module per command; `cargo xtask` with no arguments lists the commands.
+//! Flags are declared once, below; the help is generated from these declarations.
 
 mod bench;
+mod classes;
 mod conformance;
 mod matrix;
+#[cfg(all(test, target_os = "linux"))]
+mod new_backend;
 mod probe;
 mod report;
 mod results;
@@ -15,41 +19,60 @@ mod workflow;
 
 use std::process::ExitCode;
 
-const HELP: &str = "\
-cargo xtask <command>
+use clap::{CommandFactory, Parser, Subcommand};
 
-commands:
-  probe [--expect-class CLASS]
-      probe this host (each capability with evidence); writes target/conformance/host.json
-  matrix [--github]
-      this runner class's backends and which of them this host can run;
-      --github prints every class's shards as a workflow matrix (JSON)
-  conformance [--backend NAME]... [--strict] [--repeat N] [--partition K/N] [--no-build]
-      build the fixtures, probe, run the suite, write report.json, junit.xml, report.tap,
-      matrix.md and report.html under target/conformance/
-  bench [--backend NAME]...
-      run the backends' benchmark examples; collect them into target/conformance/bench.md
-";
+/// cellcheck's project tasks.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cargo xtask",
+    bin_name = "cargo xtask",
+    disable_version_flag = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Probe this host (each capability with evidence); writes target/conformance/host.json.
+    Probe {
+        /// Fail unless the probes derive this runner class.
+        #[arg(long, value_name = "CLASS")]
+        expect_class: Option<String>,
+    },
+    /// This runner class's backends and which of them this host can run.
+    Matrix {
+        /// Print every class's shards as a workflow matrix (JSON).
+        #[arg(long)]
+        github: bool,
+    },
+    /// Build the fixtures, probe, run the suite, write report.json, junit.xml, report.tap,
+    /// matrix.md and report.html under target/conformance/.
+    Conformance(conformance::Options),
+    /// Run the backends' benchmark examples; collect them into target/conformance/bench.md.
+    Bench {
+        /// Only this backend's (or this bench's) benchmark; repeatable.
+        #[arg(long = "backend", value_name = "NAME")]
+        backends: Vec<String>,
+    },
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let Some((cmd, rest)) = args.split_first() else {
-        print!("{HELP}");
+    if std::env::args().len() <= 1 {
+        print!("{}", Cli::command().render_help());
         return ExitCode::SUCCESS;
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // --help, and errors, printed by clap as it formats them (exit 0 or 2).
+        Err(e) => e.exit(),
     };
-    let outcome = match cmd.as_str() {
-        "probe" => probe::run(rest).map(|()| true),
-        "matrix" => matrix::run(rest).map(|()| true),
-        "conformance" => conformance::run(rest),
-        "bench" => bench::run(rest),
-        "help" | "-h" | "--help" => {
-            print!("{HELP}");
-            Ok(true)
-        }
-        other => {
-            eprint!("unknown command {other:?}\n\n{HELP}");
-            return ExitCode::from(2);
-        }
+    let outcome = match cli.command {
+        Cmd::Probe { expect_class } => probe::run(expect_class.as_deref()).map(|()| true),
+        Cmd::Matrix { github } => matrix::run(github).map(|()| true),
+        Cmd::Conformance(opts) => conformance::run(&opts),
+        Cmd::Bench { backends } => bench::run(&backends),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
@@ -57,6 +80,20 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cli_is_well_formed_and_its_help_names_every_command() {
+        Cli::command().debug_assert();
+        let help = Cli::command().render_help().to_string();
+        for c in ["probe", "matrix", "conformance", "bench"] {
+            assert!(help.contains(c), "{c} missing from:\n{help}");
         }
     }
 }

@@ -1,78 +1,10 @@
 //! `cargo xtask matrix`: which backends this runner class runs, and which of them this host can.
 
-use std::path::Path;
+use anyhow::{bail, Result};
+use serde::Serialize;
 
-use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
-
+use crate::classes::{self, ClassMatrix};
 use crate::probe::{self, HostReport};
-use crate::util::project_root;
-
-/// The runner classes, in the order reports list them.
-pub const CLASSES: [&str; 3] = ["linux-nokvm", "linux-kvm", "macos"];
-
-/// `matrix/<class>.toml`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct ClassMatrix {
-    pub class: String,
-    pub partitions: u32,
-    pub runner: String,
-    #[serde(rename = "backend")]
-    pub backends: Vec<MatrixBackend>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct MatrixBackend {
-    pub name: String,
-    /// The host-probe row that decides whether this backend can run.
-    pub probe: String,
-    #[serde(default = "yes")]
-    pub implemented: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-impl ClassMatrix {
-    pub fn parse(text: &str, origin: &str) -> Result<ClassMatrix> {
-        let m: ClassMatrix = toml::from_str(text).with_context(|| format!("parse {origin}"))?;
-        if m.partitions == 0 {
-            bail!("{origin}: partitions must be at least 1");
-        }
-        if m.backends.is_empty() {
-            bail!("{origin}: no [[backend]] listed");
-        }
-        Ok(m)
-    }
-
-    pub fn load_from(dir: &Path, class: &str) -> Result<ClassMatrix> {
-        if !CLASSES.contains(&class) {
-            bail!(
-                "unknown runner class {class:?} (known: {})",
-                CLASSES.join(", ")
-            );
-        }
-        let path = dir.join(format!("{class}.toml"));
-        let text =
-            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-        let m = ClassMatrix::parse(&text, &path.display().to_string())?;
-        if m.class != class {
-            bail!("{}: says class {:?}", path.display(), m.class);
-        }
-        Ok(m)
-    }
-
-    pub fn load(class: &str) -> Result<ClassMatrix> {
-        ClassMatrix::load_from(&project_root().join("matrix"), class)
-    }
-
-    pub fn names(&self) -> Vec<String> {
-        self.backends.iter().map(|b| b.name.clone()).collect()
-    }
-}
 
 /// One backend of the class, decided against this host.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -130,21 +62,16 @@ pub fn github_matrix(classes: &[ClassMatrix]) -> serde_json::Value {
     serde_json::json!({ "include": include })
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let mut github = false;
-    for a in args {
-        match a.as_str() {
-            "--github" => github = true,
-            other => {
-                bail!("matrix: unknown argument {other:?} (usage: cargo xtask matrix [--github])")
-            }
-        }
+pub fn run(github: bool) -> Result<()> {
+    let all = classes::load_all()?;
+    let problems = classes::check_against_registry(&all, &cellcheck_registry::Registry::builtin());
+    if !problems.is_empty() {
+        bail!(
+            "matrix/ and the backend registry disagree:\n  {}",
+            problems.join("\n  ")
+        );
     }
     if github {
-        let all = CLASSES
-            .iter()
-            .map(|c| ClassMatrix::load(c))
-            .collect::<Result<Vec<_>>>()?;
         println!("{}", serde_json::to_string(&github_matrix(&all))?);
         return Ok(());
     }
@@ -153,7 +80,7 @@ pub fn run(args: &[String]) -> Result<()> {
     println!("class {} (matrix/{}.toml)", host.class, host.class);
     for s in select(&m, &host) {
         let mark = if s.usable { "run " } else { "skip" };
-        println!("  {mark} {:<10} {}", s.name, s.why);
+        println!("  {mark} {:<13} {}", s.name, s.why);
     }
     Ok(())
 }
@@ -162,35 +89,6 @@ pub fn run(args: &[String]) -> Result<()> {
 mod tests {
     use super::*;
     use crate::probe::ProbeRow;
-
-    #[test]
-    fn every_class_file_parses_and_names_its_class() {
-        for c in CLASSES {
-            let m = ClassMatrix::load(c).unwrap();
-            assert_eq!(m.class, c);
-            assert!(m.partitions >= 1);
-        }
-        let nokvm = ClassMatrix::load("linux-nokvm").unwrap();
-        assert_eq!(
-            nokvm.names(),
-            ["host", "runc", "crun", "runsc", "qemu", "nested"]
-        );
-        let kvm = ClassMatrix::load("linux-kvm").unwrap();
-        assert_eq!(kvm.names(), nokvm.names());
-        assert_eq!(kvm.backends[4].probe, "kvm");
-        assert_eq!(nokvm.backends[4].probe, "qemu-tcg");
-    }
-
-    #[test]
-    fn unknown_fields_and_classes_are_refused() {
-        let err = ClassMatrix::parse(
-            "class='x'\npartitions=1\nrunner='r'\n[[backend]]\nname='a'\nprobe='a'\ncolour='red'\n",
-            "t.toml",
-        )
-        .unwrap_err();
-        assert!(format!("{err:#}").contains("colour"), "{err:#}");
-        assert!(ClassMatrix::load("windows").is_err());
-    }
 
     #[test]
     fn selection_follows_probe_rows_and_never_assumes() {
@@ -222,7 +120,7 @@ mod tests {
 
     #[test]
     fn github_matrix_has_one_entry_per_shard() {
-        let all: Vec<_> = CLASSES
+        let all: Vec<_> = crate::classes::CLASSES
             .iter()
             .map(|c| ClassMatrix::load(c).unwrap())
             .collect();

@@ -1,15 +1,17 @@
 //! `cargo xtask probe`: what this host can run, each answer backed by something that was run.
 //!
-//! Runtime rows are the backends' own `preflight()` and the accelerator rows are
-//! `cellcheck_qemu::probe_accelerator`, so the probe and the backends never disagree.
+//! The backend rows come from the backend registry: each backend's own `preflight()`, or its own
+//! probe (QEMU's accelerators), so the probe and the backends never disagree.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
+use cellcheck_registry::Registry;
 use serde::{Deserialize, Serialize};
 
+use crate::classes::derive_class;
 use crate::util::out_dir;
 
 pub const SCHEMA: &str = "cellcheck-host/1";
@@ -75,17 +77,6 @@ pub fn host_json_path() -> PathBuf {
     out_dir().join("host.json")
 }
 
-/// The class from the probe rows: KVM counts only when a guest booted with it.
-pub fn derive_class(os: &str, probes: &BTreeMap<String, ProbeRow>) -> &'static str {
-    if os == "macos" {
-        "macos"
-    } else if probes.get("kvm").is_some_and(|p| p.present) {
-        "linux-kvm"
-    } else {
-        "linux-nokvm"
-    }
-}
-
 fn now_secs() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -106,15 +97,15 @@ fn kernel_release() -> String {
         })
 }
 
-/// Runs every probe now.
-pub fn probe_host() -> Result<HostReport> {
+/// Runs every probe now, with a row for each row `registry`'s backends stand on.
+pub fn probe_host(registry: &Registry) -> Result<HostReport> {
     let start = std::time::Instant::now();
-    let probes = collect_rows()?;
+    let probes = collect_rows(registry)?;
     let os = std::env::consts::OS.to_string();
     let derived = derive_class(&os, &probes);
     let (class, class_reason) = match std::env::var("CELLCHECK_HOST_CLASS") {
         Ok(c) if !c.is_empty() => {
-            if !crate::matrix::CLASSES.contains(&c.as_str()) {
+            if !crate::classes::CLASSES.contains(&c.as_str()) {
                 bail!("CELLCHECK_HOST_CLASS={c:?} is not a runner class");
             }
             let why = format!("forced by CELLCHECK_HOST_CLASS (the probes say {derived})");
@@ -142,7 +133,7 @@ pub fn probe_host() -> Result<HostReport> {
     })
 }
 
-fn collect_rows() -> Result<BTreeMap<String, ProbeRow>> {
+fn collect_rows(registry: &Registry) -> Result<BTreeMap<String, ProbeRow>> {
     let mut rows = BTreeMap::new();
     #[cfg(target_os = "linux")]
     {
@@ -151,11 +142,12 @@ fn collect_rows() -> Result<BTreeMap<String, ProbeRow>> {
         rows.insert("namespaces".to_string(), linux::other_namespaces());
         rows.insert("cgroup".to_string(), linux::cgroups());
         rows.insert("criu".to_string(), linux::criu());
-        rows.extend(linux::backend_rows()?);
+        rows.extend(linux::backend_rows(registry)?);
         rows.insert("apple-vz".to_string(), ProbeRow::absent("not macOS"));
     }
     #[cfg(target_os = "macos")]
     {
+        let _ = registry; // no built-in backend runs on macOS yet
         rows.insert("apple-vz".to_string(), macos::virtualization());
     }
     Ok(rows)
@@ -176,7 +168,7 @@ pub fn load_or_probe() -> Result<HostReport> {
     if let Some(r) = load_fresh() {
         return Ok(r);
     }
-    let r = probe_host()?;
+    let r = probe_host(&Registry::builtin())?;
     write(&r)?;
     Ok(r)
 }
@@ -214,16 +206,8 @@ fn one_line(s: &str, max: usize) -> String {
     }
 }
 
-pub fn run(args: &[String]) -> Result<()> {
-    let mut expect_class = None;
-    let mut it = args.iter();
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            "--expect-class" => expect_class = Some(it.next().context("--expect-class needs a class")?.clone()),
-            other => bail!("probe: unknown argument {other:?} (usage: cargo xtask probe [--expect-class CLASS])"),
-        }
-    }
-    let r = probe_host()?;
+pub fn run(expect_class: Option<&str>) -> Result<()> {
+    let r = probe_host(&Registry::builtin())?;
     let path = write(&r)?;
     print_table(&r);
     println!("wrote {} in {} ms", path.display(), r.probe_ms);
@@ -259,25 +243,11 @@ mod macos {
 }
 
 #[cfg(target_os = "linux")]
-mod linux;
+pub(crate) mod linux;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn class_counts_kvm_only_when_a_guest_booted() {
-        let mut p = BTreeMap::new();
-        assert_eq!(derive_class("linux", &p), "linux-nokvm");
-        p.insert(
-            "kvm".into(),
-            ProbeRow::absent("/dev/kvm present but guest did not reach the agent"),
-        );
-        assert_eq!(derive_class("linux", &p), "linux-nokvm");
-        p.insert("kvm".into(), ProbeRow::present("guest booted in 900 ms"));
-        assert_eq!(derive_class("linux", &p), "linux-kvm");
-        assert_eq!(derive_class("macos", &p), "macos");
-    }
 
     #[test]
     fn evidence_is_flattened_for_the_table() {

@@ -3,7 +3,7 @@
 
 use serde_yaml::Value;
 
-use crate::matrix::{ClassMatrix, CLASSES};
+use crate::classes::{ClassMatrix, CLASSES};
 use crate::util::project_root;
 
 fn workflow() -> Value {

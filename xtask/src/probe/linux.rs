@@ -6,9 +6,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::Result;
 use cellcheck_contract::Availability;
-use cellcheck_qemu::Accel;
+use cellcheck_registry::{Probe, Registry, RowsProbe};
 
 use super::ProbeRow;
 use crate::util::run_bounded;
@@ -292,28 +294,16 @@ pub fn criu() -> ProbeRow {
     }
 }
 
-/// The runtime and accelerator rows: each backend's own `preflight()`, run concurrently, each
-/// bounded so a hung runtime reads as absent instead of hanging the probe.
-pub fn backend_rows() -> Result<BTreeMap<String, ProbeRow>> {
-    use cellcheck_contract::Backend;
-    use cellcheck_host::{HostBackend, HostConfig};
-    use cellcheck_oci::{OciBackend, OciConfig};
-
+/// The rows the registry's backends stand on: each backend's own `preflight()` (or its own
+/// probe, e.g. QEMU's accelerators), run concurrently, each bounded so a hung runtime reads as
+/// absent instead of hanging the probe.
+pub fn backend_rows(registry: &Registry) -> Result<BTreeMap<String, ProbeRow>> {
     let mut rows = BTreeMap::new();
     let fx = match cellcheck_fixtures::ensure() {
         Ok(fx) => fx,
         Err(e) => {
-            for n in ["host", "runc", "crun", "runsc"] {
-                rows.insert(
-                    n.to_string(),
-                    ProbeRow::absent(format!("no fixtures to run: {e}")),
-                );
-            }
-            for n in ["kvm", "qemu-tcg"] {
-                rows.insert(
-                    n.to_string(),
-                    ProbeRow::absent(format!("no guest to boot: {e}")),
-                );
+            for row in registry.produced_rows() {
+                rows.insert(row, ProbeRow::absent(format!("no fixtures to run: {e}")));
             }
             return Ok(rows);
         }
@@ -321,36 +311,35 @@ pub fn backend_rows() -> Result<BTreeMap<String, ProbeRow>> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let host = HostBackend::new(HostConfig::from_fixtures(&fx));
-    let runc = OciBackend::runc(OciConfig::from_fixtures(&fx));
-    let crun = OciBackend::crun(OciConfig::from_fixtures(&fx));
-    let runsc = OciBackend::runsc(OciConfig::from_fixtures(&fx));
-    let (h, a, b, c, kvm, tcg) = rt.block_on(async {
-        tokio::join!(
-            bounded(&host),
-            bounded(&runc),
-            bounded(&crun),
-            bounded(&runsc),
-            accelerator(Accel::Kvm),
-            accelerator(Accel::Tcg)
-        )
+    let answers = rt.block_on(async {
+        let mut tasks = tokio::task::JoinSet::new();
+        for entry in registry.entries() {
+            match &entry.probe {
+                Probe::Preflight => {
+                    let backend = (entry.factory)(&fx);
+                    let row = entry.name.clone();
+                    tasks.spawn(async move { vec![(row, preflight(backend).await)] });
+                }
+                Probe::Rows { rows, probe } => {
+                    let (rows, probe) = (*rows, *probe);
+                    tasks.spawn(async move { own_probe(rows, probe).await });
+                }
+                Probe::SameAs(_) => {}
+            }
+        }
+        let mut all = Vec::new();
+        while let Some(done) = tasks.join_next().await {
+            all.extend(done.expect("a probe task panicked"));
+        }
+        all
     });
-    for (name, row) in [
-        (host.name(), h),
-        (runc.name(), a),
-        (crun.name(), b),
-        (runsc.name(), c),
-    ] {
-        rows.insert(name.to_string(), row);
-    }
-    rows.insert("kvm".to_string(), kvm);
-    rows.insert("qemu-tcg".to_string(), tcg);
+    rows.extend(answers);
     Ok(rows)
 }
 
 const PREFLIGHT_BOUND: Duration = Duration::from_secs(120);
 
-async fn bounded(b: &dyn cellcheck_contract::Backend) -> ProbeRow {
+async fn preflight(b: Arc<dyn cellcheck_contract::Backend>) -> ProbeRow {
     let t0 = std::time::Instant::now();
     match tokio::time::timeout(PREFLIGHT_BOUND, b.preflight()).await {
         Ok(Availability::Available { evidence }) => ProbeRow::present(format!(
@@ -365,21 +354,31 @@ async fn bounded(b: &dyn cellcheck_contract::Backend) -> ProbeRow {
     }
 }
 
-/// The QEMU backend's own accelerator probe: a guest boots to its agent, or the row says what
-/// was seen instead (e.g. `/dev/kvm` present but the guest never reached the agent).
-async fn accelerator(a: Accel) -> ProbeRow {
+/// A backend's own multi-row probe (e.g. a guest boots to its agent, or the row says what was
+/// seen instead); a row it does not answer within the bound is absent.
+async fn own_probe(rows: &'static [&'static str], probe: RowsProbe) -> Vec<(String, ProbeRow)> {
     let t0 = std::time::Instant::now();
-    match tokio::time::timeout(PREFLIGHT_BOUND, cellcheck_qemu::probe_accelerator(a)).await {
-        Ok(Availability::Available { evidence }) => ProbeRow::present(format!(
-            "guest booted in {} ms: {evidence}",
-            t0.elapsed().as_millis()
-        )),
-        Ok(Availability::Unavailable { reason }) => ProbeRow::absent(reason),
-        Err(_) => ProbeRow::absent(format!(
-            "{}: no answer within {} s",
-            a.as_str(),
-            PREFLIGHT_BOUND.as_secs()
-        )),
+    match tokio::time::timeout(PREFLIGHT_BOUND, probe()).await {
+        Ok(answers) => answers
+            .into_iter()
+            .map(|(row, a)| {
+                let row_v = match a {
+                    Availability::Available { evidence } => ProbeRow::present(format!(
+                        "ok in {} ms: {evidence}",
+                        t0.elapsed().as_millis()
+                    )),
+                    Availability::Unavailable { reason } => ProbeRow::absent(reason),
+                };
+                (row, row_v)
+            })
+            .collect(),
+        Err(_) => rows
+            .iter()
+            .map(|r| {
+                let why = format!("no answer within {} s", PREFLIGHT_BOUND.as_secs());
+                (r.to_string(), ProbeRow::absent(why))
+            })
+            .collect(),
     }
 }
 
