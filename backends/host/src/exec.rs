@@ -8,10 +8,9 @@ use std::time::{Duration, Instant};
 use cellcheck_contract::{CellError, ExecRequest, ExitReport, ResourceKind, Termination};
 use cellcheck_host_init::{Config, Status};
 
-use crate::{
-    failure, lock, open_capture, read_and_remove, spawn_init, write_secret, Cell, HostBackend,
-    Started,
-};
+use crate::cell::{read_and_remove, Cell};
+use crate::spawn::{open_capture, spawn_init, write_secret, Started};
+use crate::{failure, lock, HostBackend};
 
 /// How the command ended, as the helper reported it (None: the helper died without saying).
 type HelperEnd = Option<Status>;
