@@ -246,6 +246,66 @@ pub struct ExecRequest {
     pub timeout_ms: Option<u64>,
 }
 
+/// The longest exec timeout accepted (30 days): far past any deadline a caller means, and well
+/// inside what every runtime's clock arithmetic can add to "now".
+pub const MAX_EXEC_TIMEOUT_MS: u64 = 30 * 24 * 3600 * 1000;
+
+impl ExecRequest {
+    /// The exec's admission, the same rules as a cell's `run`: argv non-empty, no empty or NUL
+    /// strings; env names non-empty without `=` or NUL and not repeated, values without NUL;
+    /// `timeout_ms` in `1..=`[`MAX_EXEC_TIMEOUT_MS`]. A broken rule is
+    /// [`CellError::InvalidSpec`] naming the field (`exec.argv[1]`, `exec.env[0].name`,
+    /// `exec.timeoutMs`, ...). Every backend calls it before it runs anything.
+    pub fn validate(&self) -> Result<(), CellError> {
+        if self.argv.is_empty() {
+            return Err(CellError::invalid("exec.argv", "must not be empty"));
+        }
+        for (i, a) in self.argv.iter().enumerate() {
+            let why = if a.is_empty() {
+                "must not be empty"
+            } else if a.contains('\0') {
+                "must not contain NUL"
+            } else {
+                continue;
+            };
+            return Err(CellError::invalid(format!("exec.argv[{i}]"), why));
+        }
+        for (i, e) in self.env.iter().enumerate() {
+            let name_why = if e.name.is_empty() {
+                Some("must not be empty".to_string())
+            } else if e.name.contains('=') {
+                Some("must not contain '='".to_string())
+            } else if e.name.contains('\0') {
+                Some("must not contain NUL".to_string())
+            } else if self.env[..i].iter().any(|p| p.name == e.name) {
+                Some(format!("duplicate name {:?}", e.name))
+            } else {
+                None
+            };
+            if let Some(why) = name_why {
+                return Err(CellError::invalid(format!("exec.env[{i}].name"), why));
+            }
+            if e.value.contains('\0') {
+                return Err(CellError::invalid(
+                    format!("exec.env[{i}].value"),
+                    "must not contain NUL",
+                ));
+            }
+        }
+        match self.timeout_ms {
+            Some(0) => Err(CellError::invalid(
+                "exec.timeoutMs",
+                "must be greater than zero",
+            )),
+            Some(t) if t > MAX_EXEC_TIMEOUT_MS => Err(CellError::invalid(
+                "exec.timeoutMs",
+                format!("{t} ms exceeds the maximum of {MAX_EXEC_TIMEOUT_MS} ms (30 days)"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 /// What destroy did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TeardownReport {
@@ -407,6 +467,75 @@ mod tests {
                 capability: Capability::Pause
             })
         );
+    }
+
+    fn exec(argv: &[&str], env: &[(&str, &str)], timeout_ms: Option<u64>) -> ExecRequest {
+        ExecRequest {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            env: env
+                .iter()
+                .map(|(n, v)| EnvVar {
+                    name: n.to_string(),
+                    value: v.to_string(),
+                })
+                .collect(),
+            timeout_ms,
+        }
+    }
+
+    fn field_of(r: Result<(), CellError>) -> String {
+        match r {
+            Err(CellError::InvalidSpec { field, .. }) => field,
+            other => panic!("expected InvalidSpec, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn exec_requests_are_validated_naming_the_field() {
+        for (req, field) in [
+            (exec(&[], &[], None), "exec.argv"),
+            (exec(&["/bin/true", ""], &[], None), "exec.argv[1]"),
+            (exec(&["/bin/t\0rue"], &[], None), "exec.argv[0]"),
+            (exec(&["/bin/true"], &[("", "v")], None), "exec.env[0].name"),
+            (
+                exec(&["/bin/true"], &[("A", "1"), ("B=C", "v")], None),
+                "exec.env[1].name",
+            ),
+            (
+                exec(&["/bin/true"], &[("A\0", "v")], None),
+                "exec.env[0].name",
+            ),
+            (
+                exec(&["/bin/true"], &[("A", "1"), ("A", "2")], None),
+                "exec.env[1].name",
+            ),
+            (
+                exec(&["/bin/true"], &[("A", "x\0y")], None),
+                "exec.env[0].value",
+            ),
+            (exec(&["/bin/true"], &[], Some(0)), "exec.timeoutMs"),
+            (
+                exec(&["/bin/true"], &[], Some(MAX_EXEC_TIMEOUT_MS + 1)),
+                "exec.timeoutMs",
+            ),
+        ] {
+            assert_eq!(field_of(req.validate()), field, "{req:?}");
+        }
+    }
+
+    #[test]
+    fn valid_exec_requests_pass_at_the_boundaries() {
+        for req in [
+            exec(&["/bin/true"], &[], None),
+            exec(
+                &["/bin/echo", "é", " "],
+                &[("A", ""), ("B", "=x=")],
+                Some(1),
+            ),
+            exec(&["x"], &[("LONG_NAME_1", "ü")], Some(MAX_EXEC_TIMEOUT_MS)),
+        ] {
+            assert_eq!(req.validate(), Ok(()), "{req:?}");
+        }
     }
 
     #[test]

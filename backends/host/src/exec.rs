@@ -15,21 +15,6 @@ use crate::{failure, lock, HostBackend};
 /// How the command ended, as the helper reported it (None: the helper died without saying).
 type HelperEnd = Option<Status>;
 
-fn check_env(req: &ExecRequest) -> Result<(), CellError> {
-    // The same rules admission applies to the workload's env and argv.
-    let mut doc = cellcheck_contract::CellDocument::new("exec", req.argv.clone());
-    for e in &req.env {
-        doc = doc.with_env(&e.name, &e.value);
-    }
-    doc.admit().map(|_| ()).map_err(|e| match e {
-        CellError::InvalidSpec { field, reason } => CellError::InvalidSpec {
-            field: field.replace("spec.run.", "exec."),
-            reason,
-        },
-        other => other,
-    })
-}
-
 fn state_error(cell: &Cell) -> Option<CellError> {
     let st = lock(&cell.shared.st);
     let state = if st.paused {
@@ -151,7 +136,7 @@ pub(crate) async fn run(
     id: &str,
     req: ExecRequest,
 ) -> Result<ExitReport, CellError> {
-    check_env(&req)?;
+    req.validate()?;
     let cell = b.live(id)?;
     if let Some(e) = state_error(&cell) {
         return Err(e);

@@ -531,6 +531,47 @@ async fn exec_runs_in_the_cell_with_its_own_env() {
 }
 
 #[tokio::test]
+async fn an_invalid_exec_request_is_refused_naming_the_field_and_runs_nothing() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["sleep", "30000"]);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    let files = |b: &HostBackend| -> BTreeSet<String> {
+        std::fs::read_dir(b.state_dir(&id))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    };
+    let before = files(&b);
+    let bad = ExecRequest {
+        argv: vec!["/bin/sh".into(), "-c".into(), "echo ran > /tmp/ran".into()],
+        env: vec![EnvVar {
+            name: "A=B".into(),
+            value: "v".into(),
+        }],
+        timeout_ms: None,
+    };
+    match b.exec(&id, bad).await {
+        Err(CellError::InvalidSpec { field, .. }) => assert_eq!(field, "exec.env[0].name"),
+        other => panic!("expected InvalidSpec, got {other:?}"),
+    }
+    assert_eq!(files(&b), before, "an exec refused at admission left files");
+    // Nothing ran: the probe's cell has no /tmp/ran.
+    let check = b
+        .exec(
+            &id,
+            ExecRequest {
+                argv: vec!["/bin/sh".into(), "-c".into(), "test ! -e /tmp/ran".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(check.code(), Some(0), "{check:?}");
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
 async fn exec_after_the_workload_ended_is_invalid_state() {
     let Some(b) = backend() else { return };
     let d = probe(&["exit", "0"]);
