@@ -17,6 +17,9 @@
 //! - `run.timeoutMs` passing makes [`Backend::wait`] return [`CellError::DeadlineExceeded`]; the
 //!   workload is killed, the cell stays listed until destroyed. `lifetime.ttlSeconds` passing
 //!   makes the backend destroy the cell itself (a later destroy is `NotFound`).
+//! - Where [`Capability::Hostname`] is supported, the cell's hostname is its id truncated to its
+//!   first 64 bytes ([`AdmittedCell::hostname`]): ids may be up to 128 characters, a Linux
+//!   hostname at most 64 bytes, and a valid long id must never be refused for it.
 //! - [`Backend::capabilities`] does no I/O and returns the same answer every time it is called on
 //!   the same value; an operation whose capability is unsupported returns
 //!   [`CellError::Unsupported`].
@@ -62,7 +65,8 @@ pub enum Capability {
     NetworkIsolation,
     /// The workload sees only its own processes.
     PidIsolation,
-    /// The cell's hostname is its id.
+    /// The cell's hostname is its id, truncated to its first 64 bytes
+    /// ([`AdmittedCell::hostname`]).
     Hostname,
 }
 

@@ -11,6 +11,8 @@ pub const API_VERSION: &str = "cellcheck.dev/v1";
 pub const KIND: &str = "ExecutionCell";
 /// Longest id: 1 leading character plus 127 more.
 pub const MAX_ID_LEN: usize = 128;
+/// Longest hostname Linux accepts (`HOST_NAME_MAX`); a cell's hostname is its id cut to this.
+pub const MAX_HOSTNAME_LEN: usize = 64;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -142,6 +144,13 @@ impl AdmittedCell {
     }
     pub fn ttl_seconds(&self) -> Option<u64> {
         self.doc.spec.lifetime.map(|l| l.ttl_seconds)
+    }
+    /// The cell's hostname: its id truncated to its first [`MAX_HOSTNAME_LEN`] bytes (ids may be
+    /// up to [`MAX_ID_LEN`] long, a Linux hostname at most 64; ids are ASCII, so the cut is
+    /// always on a character boundary).
+    pub fn hostname(&self) -> &str {
+        let id = self.id();
+        &id[..id.len().min(MAX_HOSTNAME_LEN)]
     }
     /// The declared env as `NAME=value` strings, in declared order.
     pub fn env_pairs(&self) -> Vec<String> {
@@ -397,6 +406,15 @@ mod tests {
         match doc.admit() {
             Err(CellError::InvalidSpec { field, .. }) => field,
             other => panic!("expected invalid spec, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_hostname_is_the_id_cut_to_64_bytes() {
+        for (len, want) in [(1, 1), (63, 63), (64, 64), (65, 64), (MAX_ID_LEN, 64)] {
+            let id: String = "a1.b-".chars().cycle().take(len).collect();
+            let cell = CellDocument::new(&id, ["/bin/true"]).admit().unwrap();
+            assert_eq!(cell.hostname(), &id[..want], "id of {len}");
         }
     }
 

@@ -158,7 +158,7 @@ impl Inner {
             argv: cell.argv().to_vec(),
             env: cell.env_pairs(),
             cwd: cell.working_directory().to_string(),
-            hostname: cell.id().to_string(),
+            hostname: cell.hostname().to_string(),
             rootfs: self.cfg.rootfs.display().to_string(),
             newroot: newroot.display().to_string(),
             binds: self

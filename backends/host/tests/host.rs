@@ -280,6 +280,20 @@ async fn hostname_network_and_pid_views_are_the_cells() {
 }
 
 #[tokio::test]
+async fn an_id_of_the_full_length_runs_and_its_hostname_is_its_first_64_bytes() {
+    let Some(b) = backend() else { return };
+    let id: String = format!("long{:08x}-", rand::random::<u32>())
+        .chars()
+        .cycle()
+        .take(cellcheck_contract::spec::MAX_ID_LEN)
+        .collect();
+    b.create(&probe_id(&id, &["hostname"])).await.unwrap();
+    let r = b.wait(&id).await.unwrap();
+    assert_eq!(r.stdout_str(), format!("{}\n", &id[..64]), "{r:?}");
+    finish(&b, &id).await;
+}
+
+#[tokio::test]
 async fn memory_limit_ends_in_out_of_memory() {
     let Some(b) = backend() else { return };
     let d = probe(&["alloc", "256"]).with_limits(Limits {
