@@ -12,10 +12,10 @@
 //! - runc, crun: `create` runs under a subreaper [`shim`]; once `create` exits, the container's
 //!   init is the shim's child, and the shim reports its raw wait status (exit code and signal stay
 //!   distinct). The same for `exec --detach`.
-//! - runsc: the workload is not a host process. `runsc wait` is started right after `start`; it
-//!   prints the raw wait status. When the workload ended before that wait reached the sandbox
-//!   (`runsc wait` then says "exit status is unavailable"), the sandbox's own boot log line
-//!   (`application exiting with …`, written with `--debug-log --debug-command=boot`) is read.
+//! - runsc: the workload is not a host process. The pid the shim reports on is the sandbox, which
+//!   exits once its workload has; then the sandbox's own boot log line (`application exiting with
+//!   …`, written with `--debug-log --debug-command=boot`) says exactly how the workload ended.
+//!   `runsc wait` is not used: it prints a folded `128+N` code, not a wait status.
 //!   `runsc exec` reports a folded `128+N` code, decoded by [`runtime::termination_from_folded_code`].
 //! - OOM: when the workload died of SIGKILL and the cell cgroup's `oom_kill` counter (v1
 //!   `memory.oom_control`, v2 `memory.events`) is non-zero, the termination is `OutOfMemory`.
@@ -54,8 +54,8 @@ use cellcheck_contract::{
 use cellcheck_fixtures::Fixtures;
 use tokio::sync::watch;
 
+use runtime::Runtime;
 pub use runtime::RuntimeKind;
-use runtime::{Outcome, Runtime};
 use shim::Shim;
 
 /// Where instance state roots go unless configured otherwise.
@@ -538,7 +538,7 @@ impl Inner {
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
         let started = Instant::now();
-        let waiter = if restore_from.is_none() {
+        if restore_from.is_none() {
             let exe_before = host_pid.and_then(proc_exe);
             let out = rt.run(&["start", rid]).await;
             if !out.ok {
@@ -550,14 +550,7 @@ impl Inner {
                     await_exec(pid, exe_before, Duration::from_secs(5)).await;
                 }
             }
-            None
-        } else {
-            None
-        };
-        let waiter = match (self.kind, waiter) {
-            (RuntimeKind::Runsc, _) => Some(spawn_runsc_wait(rt, rid)),
-            (_, w) => w,
-        };
+        }
         let (tx, rx) = watch::channel(None);
         let live = Arc::new(Live {
             cell: cell.clone(),
@@ -576,7 +569,7 @@ impl Inner {
         });
         let me = self.clone();
         let l2 = live.clone();
-        let monitor = tokio::spawn(async move { me.monitor(l2, started, waiter, tx).await });
+        let monitor = tokio::spawn(async move { me.monitor(l2, started, tx).await });
         live.tasks.lock().unwrap().push(monitor.abort_handle());
         Ok(live)
     }
@@ -661,10 +654,9 @@ impl Inner {
         self: Arc<Self>,
         live: Arc<Live>,
         started: Instant,
-        waiter: Option<tokio::task::JoinHandle<Option<i32>>>,
         tx: watch::Sender<Option<Outcome2>>,
     ) {
-        let exit = self.clone().exit_status(live.clone(), waiter);
+        let exit = self.clone().exit_status(live.clone());
         tokio::pin!(exit);
         let res = match live.cell.timeout_ms() {
             None => Ok(exit.await),
@@ -696,32 +688,26 @@ impl Inner {
         let _ = tx.send(Some(outcome));
     }
 
-    async fn exit_status(
-        self: Arc<Self>,
-        live: Arc<Live>,
-        waiter: Option<tokio::task::JoinHandle<Option<i32>>>,
-    ) -> Option<Termination> {
-        match waiter {
-            None => live.shim.target_status().await.map(runtime::termination),
-            Some(w) => {
-                if let Ok(Some(st)) = w.await {
-                    return Some(runtime::termination(st));
-                }
-                // The workload ended before `runsc wait` reached the sandbox: the sandbox's own
-                // log has the status once it has exited.
-                let sandbox = live.shim.target_status().await;
-                if let Some(t) = read_boot_log(&live.dir.join("logs")) {
-                    return Some(t);
-                }
-                sandbox.map(|st| {
-                    if libc::WIFEXITED(st) {
-                        runtime::termination_from_folded_code(libc::WEXITSTATUS(st))
-                    } else {
-                        runtime::termination(st)
-                    }
-                })
-            }
+    async fn exit_status(self: Arc<Self>, live: Arc<Live>) -> Option<Termination> {
+        let status = live.shim.target_status().await;
+        if self.kind != RuntimeKind::Runsc {
+            return status.map(runtime::termination);
         }
+        // The pid is the sandbox, which exits once its workload has. Its boot log says exactly how
+        // the workload ended; `runsc wait` would answer with a folded `128+N` code (exit 7 read
+        // as a wait status is signal 7, and 129..=192 are ambiguous), so it is not asked.
+        if let Some(t) = read_boot_log(&live.dir.join("logs")) {
+            return Some(t);
+        }
+        // No log line (the sandbox itself was killed): the sandbox's own status, which folds the
+        // workload's signal into its exit code.
+        status.map(|st| {
+            if libc::WIFEXITED(st) {
+                runtime::termination_from_folded_code(libc::WEXITSTATUS(st))
+            } else {
+                runtime::termination(st)
+            }
+        })
     }
 
     fn oom_adjust(&self, rid: &str, t: Termination) -> Termination {
@@ -1226,20 +1212,6 @@ fn read_boot_log(dir: &Path) -> Option<Termination> {
         .filter(|e| e.file_name().to_string_lossy().contains("boot"))
         .filter_map(|e| fs::read_to_string(e.path()).ok())
         .find_map(|t| runtime::parse_runsc_boot_log(&t))
-}
-
-/// `runsc wait` for the root container, started right after `start`: the raw wait status.
-fn spawn_runsc_wait(rt: &Runtime, rid: &str) -> tokio::task::JoinHandle<Option<i32>> {
-    let rt = rt.clone();
-    let rid = rid.to_string();
-    tokio::spawn(async move {
-        let out: Outcome = rt.run(&["wait", &rid]).await;
-        if out.ok {
-            runtime::parse_runsc_wait(&out.stdout)
-        } else {
-            None
-        }
-    })
 }
 
 #[async_trait]

@@ -220,12 +220,6 @@ pub fn termination_from_folded_code(code: i32) -> Termination {
     }
 }
 
-/// `runsc wait` prints `{"id":"…","exitStatus":N}` where N is the raw wait status.
-pub fn parse_runsc_wait(stdout: &str) -> Option<i32> {
-    let v: serde_json::Value = serde_json::from_str(stdout.trim()).ok()?;
-    v.get("exitStatus")?.as_i64().map(|n| n as i32)
-}
-
 /// The sandbox's boot log line `application exiting with exit status N` / `killed by signal N`.
 pub fn parse_runsc_boot_log(log: &str) -> Option<Termination> {
     let line = log
@@ -283,11 +277,6 @@ mod tests {
             termination_from_folded_code(3),
             Termination::Exited { code: 3 }
         );
-        assert_eq!(
-            parse_runsc_wait(r#"{"id":"x4","exitStatus":768}"#),
-            Some(768)
-        );
-        assert_eq!(parse_runsc_wait("garbage"), None);
         let log = "I1123 12:20:23.583087    9103 boot.go:389] application exiting with killed by signal 9\n";
         assert_eq!(
             parse_runsc_boot_log(log),

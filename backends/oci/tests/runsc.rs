@@ -2,7 +2,7 @@
 
 mod common;
 
-use cellcheck_contract::{Backend, CellError, ResourceKind};
+use cellcheck_contract::{Backend, CellError, ResourceKind, Termination};
 use cellcheck_oci::RuntimeKind;
 use common::*;
 
@@ -110,4 +110,24 @@ async fn snapshot_restores_into_a_new_id_and_the_counter_continues() {
     assert_no_residue(&b, &a);
     assert_no_residue(&b, &c);
     assert_clean_root(&b);
+}
+
+/// A workload still running when its exit is awaited: runsc's own `wait` then answers with a
+/// folded `128+N` code, which read as a raw wait status turned exit 7 into signal 7. The exit
+/// status comes from the sandbox's exact report instead: codes stay codes (even 129..=192, where
+/// a folded code is ambiguous) and signals stay signals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_status_is_exact_when_the_workload_outlives_the_wait() {
+    let Some(b) = backend(KIND).await else { return };
+    for code in [7, 42, 137] {
+        let a = id("late");
+        let script = format!("sleep 1; exit {code}");
+        b.create(&doc(&a, &["/bin/sh", "-c", &script]))
+            .await
+            .unwrap();
+        let r = b.wait(&a).await.unwrap();
+        assert_eq!(r.termination, Termination::Exited { code }, "{script}");
+        b.destroy(&a).await.unwrap();
+        assert_no_residue(&b, &a);
+    }
 }
