@@ -1,10 +1,12 @@
-//! The runtime CLI: which binary, which global flags, and how to read what it says.
+//! The runtime CLI: which binary, which global flags, how to read what it says, and every way
+//! runc, crun and runsc differ, as methods of [`RuntimeKind`].
 
 use std::ffi::OsString;
+use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
-use cellcheck_contract::Termination;
+use cellcheck_contract::{Capabilities, Capability, Termination};
 
 /// The OCI runtimes this crate drives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -31,6 +33,176 @@ impl RuntimeKind {
             RuntimeKind::Runsc => "CELLCHECK_RUNSC_BIN",
         }
     }
+
+    /// Whether the pid in a `create --pid-file` is the workload (runc, crun: the container's init
+    /// execs it) rather than a sandbox around it (runsc: the workload runs in gVisor's sentry).
+    pub fn workload_is_host_process(self) -> bool {
+        match self {
+            RuntimeKind::Runc | RuntimeKind::Crun => true,
+            RuntimeKind::Runsc => false,
+        }
+    }
+
+    /// What the backend offers through this runtime (probes CRIU where checkpointing needs it).
+    pub fn capabilities(self) -> Capabilities {
+        let base = Capabilities::default()
+            .with(Capability::Exec)
+            .with(Capability::Pause)
+            .with(Capability::Timeout)
+            .with(Capability::Ttl)
+            .with(Capability::NetworkIsolation)
+            .with(Capability::PidIsolation)
+            .with(Capability::Hostname);
+        match self {
+            RuntimeKind::Runc | RuntimeKind::Crun => base
+                .with(Capability::HostPid)
+                .with(Capability::MemoryLimit)
+                .with(Capability::PidsLimit)
+                .without(Capability::Snapshot, crate::probe::criu_reason(self)),
+            RuntimeKind::Runsc => base
+                .with(Capability::Snapshot)
+                .without(
+                    Capability::HostPid,
+                    "the workload runs inside gVisor's sentry; host pids are the sandbox and gofer, not the workload",
+                )
+                .without(
+                    Capability::MemoryLimit,
+                    "runsc applies memory limits to the whole sandbox's host cgroup (sentry included), not to the workload",
+                )
+                .without(
+                    Capability::PidsLimit,
+                    "runsc applies pids limits to the sandbox's host cgroup; the workload's tasks are not host processes",
+                ),
+        }
+    }
+
+    /// runsc's platform: `CELLCHECK_RUNSC_PLATFORM`, else systrap where this runsc knows it, else
+    /// ptrace (KVM needs working nested virtualization, which a CI runner rarely has). Other
+    /// runtimes have none.
+    pub fn platform(self, bin: &Path) -> Option<String> {
+        if self != RuntimeKind::Runsc {
+            return None;
+        }
+        if let Ok(p) = std::env::var("CELLCHECK_RUNSC_PLATFORM") {
+            return Some(p);
+        }
+        let help = std::process::Command::new(bin)
+            .arg("flags")
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout).into_owned()
+                    + &String::from_utf8_lossy(&o.stderr)
+            })
+            .unwrap_or_default();
+        Some(
+            if help.contains("systrap") {
+                "systrap"
+            } else {
+                "ptrace"
+            }
+            .into(),
+        )
+    }
+
+    /// Flags every command gets besides `--root` (runsc re-reads its flags per command, so
+    /// `--network=none` must be repeated, not only given to `create`).
+    fn extra_global_args(self, platform: Option<&str>) -> Vec<OsString> {
+        match self {
+            RuntimeKind::Runsc => std::iter::once("--network=none".to_string())
+                .chain(platform.map(|p| format!("--platform={p}")))
+                .map(OsString::from)
+                .collect(),
+            RuntimeKind::Runc | RuntimeKind::Crun => Vec::new(),
+        }
+    }
+
+    /// Flags for `create`/`restore` so the runtime's errors (runc: `log`) and the workload's exit
+    /// (runsc: the sandbox's boot log under `bundle/logs/`) can be read afterwards. crun prints
+    /// its errors to the stderr it shares with the workload.
+    pub fn create_log_args(self, bundle: &Path, log: &Path) -> std::io::Result<Vec<OsString>> {
+        Ok(match self {
+            RuntimeKind::Runsc => {
+                let logs = bundle.join("logs");
+                crate::layout::mkdir_private(&logs)?;
+                vec![
+                    format!("--debug-log={}/", logs.display()).into(),
+                    "--debug-command=boot".into(),
+                ]
+            }
+            RuntimeKind::Runc => vec!["--log".into(), log.into()],
+            RuntimeKind::Crun => Vec::new(),
+        })
+    }
+
+    /// Flags for `exec` so its errors land in `log` (runc only; the others print to stderr).
+    pub fn exec_log_args(self, log: &Path) -> Vec<OsString> {
+        match self {
+            RuntimeKind::Runc => vec!["--log".into(), log.into()],
+            RuntimeKind::Crun | RuntimeKind::Runsc => Vec::new(),
+        }
+    }
+
+    /// What the runtime keeps for container `rid` under its `--root` (`state`).
+    pub fn state_entries(self, state: &Path, rid: &str) -> Vec<PathBuf> {
+        match self {
+            RuntimeKind::Runsc => vec![
+                state.join(format!("{rid}_sandbox:{rid}.state")),
+                state.join(format!("{rid}_sandbox:{rid}.lock")),
+            ],
+            RuntimeKind::Runc | RuntimeKind::Crun => vec![state.join(rid)],
+        }
+    }
+
+    /// How the workload ended, from the wait status of the pid-file's process (`None`: the shim
+    /// ended without one) and the bundle dir.
+    pub fn termination(self, status: Option<i32>, bundle: &Path) -> Option<Termination> {
+        match self {
+            RuntimeKind::Runc | RuntimeKind::Crun => status.map(termination),
+            RuntimeKind::Runsc => {
+                // The pid is the sandbox, which exits once its workload has. Its boot log says
+                // exactly how the workload ended; `runsc wait` would answer with a folded `128+N`
+                // code (exit 7 read as a wait status is signal 7; 129..=192 are ambiguous).
+                if let Some(t) = read_boot_log(&bundle.join("logs")) {
+                    return Some(t);
+                }
+                // No log line (the sandbox itself was killed): the sandbox's own status, which
+                // folds the workload's signal into its exit code.
+                status.map(|st| {
+                    if libc::WIFEXITED(st) {
+                        termination_from_folded_code(libc::WEXITSTATUS(st))
+                    } else {
+                        termination(st)
+                    }
+                })
+            }
+        }
+    }
+
+    /// How `exec` runs a process and learns its status.
+    pub fn exec_style(self) -> ExecStyle {
+        match self {
+            RuntimeKind::Runc | RuntimeKind::Crun => ExecStyle::DetachedUnderShim,
+            RuntimeKind::Runsc => ExecStyle::Attached,
+        }
+    }
+}
+
+/// How a runtime's `exec` is driven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExecStyle {
+    /// `exec --detach` under a shim, which reports the process's raw wait status.
+    DetachedUnderShim,
+    /// `exec` in the foreground; its exit code folds a signal into `128+N`.
+    Attached,
+}
+
+/// The boot log's verdict, from the sandbox's debug log dir.
+fn read_boot_log(dir: &Path) -> Option<Termination> {
+    let rd = fs::read_dir(dir).ok()?;
+    rd.flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("boot"))
+        .filter_map(|e| fs::read_to_string(e.path()).ok())
+        .find_map(|t| parse_runsc_boot_log(&t))
 }
 
 /// Resolve a binary: the override if set, else the first `name` on `PATH`.
@@ -72,14 +244,14 @@ pub struct Runtime {
 
 /// What a short runtime command returned.
 #[derive(Debug, Clone)]
-pub struct Outcome {
+pub struct RunOutput {
     pub ok: bool,
     pub status: String,
     pub stdout: String,
     pub stderr: String,
 }
 
-impl Outcome {
+impl RunOutput {
     /// The runtime's own message, for errors.
     pub fn message(&self, kind: RuntimeKind) -> String {
         let m = runtime_message(&self.stderr);
@@ -92,16 +264,10 @@ impl Outcome {
 }
 
 impl Runtime {
-    /// Global flags every command of this runtime gets (runsc reads them on every command, so
-    /// `--network=none` must be repeated, not only given to `create`).
+    /// Global flags every command of this runtime gets.
     pub fn global_args(&self) -> Vec<OsString> {
         let mut a: Vec<OsString> = vec!["--root".into(), self.state.clone().into()];
-        if self.kind == RuntimeKind::Runsc {
-            a.push("--network=none".into());
-            if let Some(p) = &self.platform {
-                a.push(format!("--platform={p}").into());
-            }
-        }
+        a.extend(self.kind.extra_global_args(self.platform.as_deref()));
         a
     }
 
@@ -115,12 +281,12 @@ impl Runtime {
 
     /// Run a short command that starts nothing detached (state, start, kill, delete, pause, ...),
     /// with its output piped back.
-    pub async fn run(&self, args: &[&str]) -> Outcome {
+    pub async fn run(&self, args: &[&str]) -> RunOutput {
         let args: Vec<OsString> = args.iter().map(OsString::from).collect();
         self.run_os(&args).await
     }
 
-    pub async fn run_os(&self, args: &[OsString]) -> Outcome {
+    pub async fn run_os(&self, args: &[OsString]) -> RunOutput {
         let argv = self.argv(args);
         let mut cmd = tokio::process::Command::new(&argv[0]);
         cmd.args(&argv[1..])
@@ -129,13 +295,13 @@ impl Runtime {
             .stderr(Stdio::piped())
             .kill_on_drop(true);
         match cmd.output().await {
-            Ok(o) => Outcome {
+            Ok(o) => RunOutput {
                 ok: o.status.success(),
                 status: o.status.to_string(),
                 stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
                 stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
             },
-            Err(e) => Outcome {
+            Err(e) => RunOutput {
                 ok: false,
                 status: "not run".into(),
                 stdout: String::new(),
