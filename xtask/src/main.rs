@@ -12,6 +12,8 @@ mod new_backend;
 mod probe;
 mod report;
 mod results;
+#[cfg(target_os = "linux")]
+mod soak;
 mod util;
 mod verdict;
 #[cfg(test)]
@@ -56,6 +58,10 @@ enum Cmd {
         #[arg(long = "backend", value_name = "NAME")]
         backends: Vec<String>,
     },
+    /// Create → wait → destroy cycles per backend, sequential then K-way concurrent; prints fds,
+    /// RSS and leftovers every 1,000 cycles; writes target/conformance/soak-<backend>.json.
+    #[cfg(target_os = "linux")]
+    Soak(soak::Options),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +79,8 @@ fn main() -> ExitCode {
         Cmd::Matrix { github } => matrix::run(github).map(|()| true),
         Cmd::Conformance(opts) => conformance::run(&opts),
         Cmd::Bench { backends } => bench::run(&backends),
+        #[cfg(target_os = "linux")]
+        Cmd::Soak(opts) => soak::run(&opts),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
