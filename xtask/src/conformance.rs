@@ -1,26 +1,21 @@
 //! `cargo xtask conformance`: build the fixtures, probe, run the suite for this class's backends
 //! under nextest, then write every report from the one results file.
+//!
+//! A run is five steps: [`plan`] (list), [`rounds`], [`fill`], [`judge`], then the report.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use cellcheck_conformance::results::{self, Outcome, TrialResult};
 
 use crate::classes::ClassMatrix;
 use crate::matrix::{self, Selected};
+use crate::nextest::{file_len, list_trials, nextest_base, Listed, Progress, PACKAGE, TEST};
 use crate::probe;
 use crate::report::Report;
-use crate::results::{self, Outcome, TrialResult};
 use crate::util::{out_dir, project_root};
 use crate::verdict::{self, Judged, ProblemKind};
-
-const PACKAGE: &str = "cellcheck-conformance";
-const TEST: &str = "conformance";
 
 /// `cargo xtask conformance`'s flags.
 #[derive(Debug, Clone, PartialEq, Eq, Default, clap::Args)]
@@ -74,147 +69,9 @@ pub fn rerun_command(id: &str, class: &str, strict: bool) -> String {
     )
 }
 
-/// A listed trial, as nextest sees it for this run.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listed {
-    pub name: String,
-    pub ignored: bool,
-    /// Whether this run (its partition) will run it.
-    pub selected: bool,
-}
-
-/// Parses `cargo nextest list --message-format json`.
-pub fn parse_nextest_list(json: &str) -> Result<Vec<Listed>> {
-    let v: serde_json::Value =
-        serde_json::from_str(json).context("nextest list output is not JSON")?;
-    let suites = v
-        .get("rust-suites")
-        .and_then(|s| s.as_object())
-        .context("nextest list output has no rust-suites")?;
-    let mut out = Vec::new();
-    for suite in suites.values() {
-        let Some(cases) = suite.get("testcases").and_then(|c| c.as_object()) else {
-            continue;
-        };
-        for (name, case) in cases {
-            let ignored = case
-                .get("ignored")
-                .and_then(|b| b.as_bool())
-                .unwrap_or(false);
-            let status = case
-                .pointer("/filter-match/status")
-                .and_then(|s| s.as_str())
-                .unwrap_or("matches");
-            out.push(Listed {
-                name: name.clone(),
-                ignored,
-                selected: status == "matches",
-            });
-        }
-    }
-    Ok(out)
-}
-
-fn nextest_base(sub: &str) -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(project_root())
-        .args(["nextest", sub, "-p", PACKAGE, "--test", TEST]);
-    c
-}
-
-fn list_trials(env: &[(String, String)], partition: Option<(u32, u32)>) -> Result<Vec<Listed>> {
-    let mut c = nextest_base("list");
-    c.args(["--message-format", "json"]);
-    if let Some((k, n)) = partition {
-        c.arg("--partition").arg(format!("count:{k}/{n}"));
-    }
-    c.envs(env.iter().map(|(k, v)| (k, v)));
-    let out = c.output().context(
-        "run `cargo nextest list` (is cargo-nextest installed? `cargo install cargo-nextest`)",
-    )?;
-    if !out.status.success() {
-        bail!(
-            "`cargo nextest list` failed ({}):\n{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    parse_nextest_list(&String::from_utf8_lossy(&out.stdout))
-}
-
-/// Prints each result line as it lands, while nextest runs.
-struct Progress {
-    stop: Arc<AtomicBool>,
-    handle: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Progress {
-    fn start(path: PathBuf, from: u64, done_before: usize, total: usize) -> Progress {
-        let stop = Arc::new(AtomicBool::new(false));
-        let s = stop.clone();
-        let handle = std::thread::spawn(move || {
-            let mut offset = from;
-            let mut done = done_before;
-            let mut pending = String::new();
-            loop {
-                let last = s.load(Ordering::Relaxed);
-                if let Ok(mut f) = std::fs::File::open(&path) {
-                    if f.seek(SeekFrom::Start(offset)).is_ok() {
-                        let mut buf = Vec::new();
-                        if let Ok(n) = f.read_to_end(&mut buf) {
-                            offset += n as u64;
-                            pending.push_str(&String::from_utf8_lossy(&buf));
-                        }
-                    }
-                }
-                // Only whole lines: a trial's line is one write, but we may read mid-write.
-                while let Some(i) = pending.find('\n') {
-                    let line: String = pending.drain(..=i).collect();
-                    if let Ok(r) = serde_json::from_str::<TrialResult>(line.trim()) {
-                        done += 1;
-                        println!(
-                            "[{done}/{total}] {} {} {} ms",
-                            r.id, r.outcome, r.duration_ms
-                        );
-                    }
-                }
-                if last {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        });
-        Progress {
-            stop,
-            handle: Some(handle),
-        }
-    }
-
-    fn finish(mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(h) = self.handle.take() {
-            let _ = h.join();
-        }
-    }
-}
-
-fn file_len(p: &Path) -> u64 {
-    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
-}
-
 /// A skipped result xtask writes itself, for trials the suite did not record.
 fn synthetic_skip(id: &str, reason: String) -> TrialResult {
-    let mut parts = id.splitn(3, "::");
-    TrialResult {
-        id: id.to_string(),
-        backend: parts.next().unwrap_or_default().to_string(),
-        family: parts.next().unwrap_or_default().to_string(),
-        scenario: parts.next().unwrap_or_default().to_string(),
-        outcome: Outcome::Skip,
-        reason,
-        duration_ms: 0,
-        attributes: BTreeMap::new(),
-    }
+    results::synthetic(id, Outcome::Skip, reason)
 }
 
 /// Fills in what the results file lacks: unusable backends' trials (skipped, with the probe's
@@ -270,17 +127,34 @@ pub fn complete(
     results
 }
 
-pub fn run(opts: &Options) -> Result<bool> {
-    let dir = out_dir();
-    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+/// What a run will do, decided before anything runs: the class, its backends, the listing.
+pub struct Plan {
+    pub host: probe::HostReport,
+    pub class: String,
+    /// The class's backends (or the asked-for ones) and whether this host can run them.
+    pub shown: Vec<Selected>,
+    /// The backends this run runs.
+    pub chosen: Vec<String>,
+    /// Backends shown but not run, with why.
+    pub unusable: BTreeMap<String, String>,
+    pub listed: Vec<Listed>,
+    pub strict: bool,
+    pub partition: Option<(u32, u32)>,
+}
 
-    if opts.no_build {
-        println!("fixtures: not built (--no-build)");
-    } else {
-        let fx = cellcheck_fixtures::ensure().context("build the fixtures")?;
-        println!("fixtures: {}", fx.dir.display());
+impl Plan {
+    /// The env every suite process of this run gets.
+    pub fn env(&self) -> Vec<(String, String)> {
+        suite_env(&self.chosen, &self.class, self.strict)
     }
 
+    fn first_shard(&self) -> bool {
+        !matches!(self.partition, Some((k, _)) if k != 1)
+    }
+}
+
+/// Step 1, list: fixtures, probe, the class's backends against this host, and nextest's listing.
+pub fn plan(backends: &[String], strict: bool, partition: Option<(u32, u32)>) -> Result<Plan> {
     let host = probe::load_or_probe()?;
     let class = host.class.clone();
     let m = ClassMatrix::load(&class)?;
@@ -294,7 +168,7 @@ pub fn run(opts: &Options) -> Result<bool> {
         }
     }
     let selection = matrix::select(&m, &host);
-    let (chosen, shown): (Vec<String>, Vec<Selected>) = if opts.backends.is_empty() {
+    let (chosen, shown): (Vec<String>, Vec<Selected>) = if backends.is_empty() {
         let run = selection
             .iter()
             .filter(|s| s.usable)
@@ -303,8 +177,7 @@ pub fn run(opts: &Options) -> Result<bool> {
         (run, selection.clone())
     } else {
         // Asked for by name: run it even if the probe says no; the suite's preflight decides.
-        let shown = opts
-            .backends
+        let shown = backends
             .iter()
             .map(|b| {
                 selection
@@ -318,7 +191,7 @@ pub fn run(opts: &Options) -> Result<bool> {
                     })
             })
             .collect();
-        (opts.backends.clone(), shown)
+        (backends.to_vec(), shown)
     };
     let unusable: BTreeMap<String, String> = shown
         .iter()
@@ -337,7 +210,7 @@ pub fn run(opts: &Options) -> Result<bool> {
     let mut listed = if chosen.is_empty() {
         Vec::new()
     } else {
-        list_trials(&suite_env(&chosen, &class, opts.strict), opts.partition)?
+        list_trials(&suite_env(&chosen, &class, strict), partition)?
     };
     if !unusable.is_empty() {
         let names: Vec<String> = unusable.keys().cloned().collect();
@@ -346,8 +219,29 @@ pub fn run(opts: &Options) -> Result<bool> {
             listed.push(l);
         }
     }
-    let to_run = listed.iter().filter(|l| l.selected).count();
+    Ok(Plan {
+        host,
+        class,
+        shown,
+        chosen,
+        unusable,
+        listed,
+        strict,
+        partition,
+    })
+}
 
+/// What `repeat` nextest runs recorded.
+pub struct Rounds {
+    /// Each round's results (the last line per trial within the round).
+    pub per_round: Vec<Vec<TrialResult>>,
+    /// Whether every nextest run exited 0.
+    pub nextest_ok: bool,
+    pub log: PathBuf,
+}
+
+/// Step 2, rounds: runs the plan's trials `repeat` times under nextest, showing progress.
+pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
     let results_path = dir.join("results.jsonl");
     let log_path = dir.join("nextest.log");
     for p in [&results_path, &log_path] {
@@ -357,85 +251,123 @@ pub fn run(opts: &Options) -> Result<bool> {
             Err(e) => return Err(e).with_context(|| format!("remove {}", p.display())),
         }
     }
-    let env = suite_env(&chosen, &class, opts.strict);
-    // The suite records ignored trials when nextest lists them, so they count towards progress.
-    let per_round = listed
-        .iter()
-        .filter(|l| l.selected || (l.ignored && !unusable.contains_key(backend_of(&l.name))))
-        .count();
-    let total = per_round * opts.repeat as usize;
-    let mut runs: Vec<TrialResult> = Vec::new();
-    let mut lines_seen = 0;
-    let mut nextest_ok = true;
-    if to_run > 0 {
-        for round in 1..=opts.repeat {
-            if opts.repeat > 1 {
-                println!("round {round}/{}", opts.repeat);
-            }
-            let log = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log_path)
-                .with_context(|| format!("open {}", log_path.display()))?;
-            let mut c = nextest_base("run");
-            c.arg("--no-fail-fast");
-            if let Some((k, n)) = opts.partition {
-                c.arg("--partition").arg(format!("count:{k}/{n}"));
-            }
-            c.envs(env.iter().map(|(k, v)| (k, v)))
-                .env("CELLCHECK_RESULTS", &results_path)
-                .stdin(std::process::Stdio::null())
-                .stdout(log.try_clone()?)
-                .stderr(log);
-            let done_before = (round as usize - 1) * per_round;
-            let progress = Progress::start(
-                results_path.clone(),
-                file_len(&results_path),
-                done_before,
-                total,
-            );
-            let status = c.status().context("run `cargo nextest run`");
-            progress.finish();
-            nextest_ok &= status?.success();
-            let all = results::read_file(&results_path)?;
-            runs.extend(results::last_per_id(all[lines_seen..].to_vec()));
-            lines_seen = all.len();
-        }
+    let mut out = Rounds {
+        per_round: Vec::new(),
+        nextest_ok: true,
+        log: log_path.clone(),
+    };
+    if !plan.listed.iter().any(|l| l.selected) {
+        return Ok(out);
     }
+    let env = plan.env();
+    // The suite records ignored trials when nextest lists them, so they count towards progress.
+    let per_round = plan
+        .listed
+        .iter()
+        .filter(|l| l.selected || (l.ignored && !plan.unusable.contains_key(backend_of(&l.name))))
+        .count();
+    let total = per_round * repeat as usize;
+    let mut lines_seen = 0;
+    for round in 1..=repeat {
+        if repeat > 1 {
+            println!("round {round}/{repeat}");
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .with_context(|| format!("open {}", log_path.display()))?;
+        let mut c = nextest_base("run");
+        c.arg("--no-fail-fast");
+        if let Some((k, n)) = plan.partition {
+            c.arg("--partition").arg(format!("count:{k}/{n}"));
+        }
+        c.envs(env.iter().map(|(k, v)| (k, v)))
+            .env("CELLCHECK_RESULTS", &results_path)
+            .stdin(std::process::Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        let done_before = (round as usize - 1) * per_round;
+        let progress = Progress::start(
+            results_path.clone(),
+            file_len(&results_path),
+            done_before,
+            total,
+        );
+        let status = c.status().context("run `cargo nextest run`");
+        progress.finish();
+        out.nextest_ok &= status?.success();
+        let all = results::read_file(&results_path).map_err(anyhow::Error::msg)?;
+        out.per_round
+            .push(results::last_per_id(all[lines_seen..].to_vec()));
+        lines_seen = all.len();
+    }
+    Ok(out)
+}
 
-    let folded = results::fold(runs);
-    let first_shard = !matches!(opts.partition, Some((k, _)) if k != 1);
-    let results = complete(folded, &listed, &unusable, first_shard);
+/// Step 3, fill: one result per trial (repeats folded), completed with what no trial recorded.
+pub fn fill(plan: &Plan, rounds: &Rounds) -> Vec<TrialResult> {
+    let folded = results::fold(rounds.per_round.concat());
+    complete(folded, &plan.listed, &plan.unusable, plan.first_shard())
+}
 
+/// Step 4, judge: why the run fails, from its results and the expectations.
+pub fn judge(plan: &Plan, results: &[TrialResult]) -> Result<Vec<verdict::Problem>> {
     let expectations = cellcheck_conformance::expectations::Expectations::load(
         &project_root().join("matrix/expectations.toml"),
     )
     .map_err(anyhow::Error::msg)?;
-    let listed_ids: BTreeSet<String> = listed.iter().map(|l| l.name.clone()).collect();
-    let listed_backends: BTreeSet<String> = chosen.iter().cloned().collect();
-    let problems = verdict::judge(&Judged {
-        results: &results,
+    let listed_ids: BTreeSet<String> = plan.listed.iter().map(|l| l.name.clone()).collect();
+    let listed_backends: BTreeSet<String> = plan.chosen.iter().cloned().collect();
+    Ok(verdict::judge(&Judged {
+        results,
         listed: &listed_ids,
         backends: &listed_backends,
-        class: &class,
+        class: &plan.class,
         expectations: &expectations,
         today: cellcheck_conformance::expectations::today_utc(),
-        strict: opts.strict,
-        unusable: &unusable,
-    });
-    let host_json = serde_json::to_value(&host)?;
-    let report = Report::new(host_json, shown, results, problems);
-    let files = report.write_all(&dir)?;
+        strict: plan.strict,
+        unusable: &plan.unusable,
+    }))
+}
+
+pub fn run(opts: &Options) -> Result<bool> {
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    if opts.no_build {
+        println!("fixtures: not built (--no-build)");
+    } else {
+        let fx = cellcheck_fixtures::ensure().context("build the fixtures")?;
+        println!("fixtures: {}", fx.dir.display());
+    }
+    let plan = plan(&opts.backends, opts.strict, opts.partition)?;
+    let rounds = rounds(&plan, opts.repeat, &dir)?;
+    let results = fill(&plan, &rounds);
+    let problems = judge(&plan, &results)?;
+    report(&plan, &rounds, results, problems, &dir)
+}
+
+/// Step 5, report: every report file, the console table and the verdict.
+fn report(
+    plan: &Plan,
+    rounds: &Rounds,
+    results: Vec<TrialResult>,
+    problems: Vec<verdict::Problem>,
+    dir: &Path,
+) -> Result<bool> {
+    let host_json = serde_json::to_value(&plan.host)?;
+    let report = Report::new(host_json, plan.shown.clone(), results, problems);
+    let files = report.write_all(dir)?;
 
     println!();
     print!("{}", report.table());
     for f in &files {
         println!("wrote {}", f.display());
     }
-    if !nextest_ok && report.summary.fail == 0 && report.summary.xpass == 0 {
+    if !rounds.nextest_ok && report.summary.fail == 0 && report.summary.xpass == 0 {
         println!(
             "note: nextest exited non-zero without a failing result; see {}",
-            log_path.display()
+            rounds.log.display()
         );
     }
     if report.passed() {
@@ -451,9 +383,9 @@ pub fn run(opts: &Options) -> Result<bool> {
             Some(id) => {
                 println!("  {} {id}: {}", p.kind, first_line(&p.message));
                 if p.kind != ProblemKind::UnexplainedSkip
-                    || !unusable.contains_key(id.split("::").next().unwrap_or(""))
+                    || !plan.unusable.contains_key(backend_of(id))
                 {
-                    println!("    rerun: {}", rerun_command(id, &class, opts.strict));
+                    println!("    rerun: {}", rerun_command(id, &plan.class, plan.strict));
                 }
             }
             None => println!("  {}: {}", p.kind, p.message),
@@ -519,21 +451,6 @@ mod tests {
     }
 
     #[test]
-    fn nextest_listing_is_read_with_ignored_and_partition_status() {
-        let json = r#"{"rust-build-meta":{},"test-count":3,"rust-suites":{"cellcheck-conformance::conformance":{"binary-id":"x","testcases":{
-            "host::exit::code_0":{"ignored":false,"filter-match":{"status":"matches"}},
-            "host::snapshot::restore":{"ignored":true,"filter-match":{"status":"mismatch","reason":"ignored"}},
-            "host::exit::code_1":{"ignored":false,"filter-match":{"status":"mismatch","reason":"partition"}}}}}}"#;
-        let l = parse_nextest_list(json).unwrap();
-        assert_eq!(l.len(), 3);
-        let get = |n: &str| l.iter().find(|x| x.name == n).unwrap().clone();
-        assert!(get("host::exit::code_0").selected);
-        assert!(get("host::snapshot::restore").ignored);
-        assert!(!get("host::snapshot::restore").selected);
-        assert!(!get("host::exit::code_1").selected);
-    }
-
-    #[test]
     fn missing_results_are_completed_honestly() {
         let listed = vec![
             Listed {
@@ -562,7 +479,7 @@ mod tests {
                 selected: false,
             },
         ];
-        let ran = vec![crate::results::sample(
+        let ran = vec![crate::util::sample(
             "host::exit::code_0",
             Outcome::Pass,
             "",

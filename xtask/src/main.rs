@@ -9,9 +9,9 @@ mod conformance;
 mod matrix;
 #[cfg(all(test, target_os = "linux"))]
 mod new_backend;
+mod nextest;
 mod probe;
 mod report;
-mod results;
 #[cfg(target_os = "linux")]
 mod soak;
 mod util;

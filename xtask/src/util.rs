@@ -94,6 +94,19 @@ fn failed(start: Instant, error: String) -> Ran {
     }
 }
 
+/// A result for tests, from its trial id.
+#[cfg(test)]
+pub fn sample(
+    id: &str,
+    outcome: cellcheck_conformance::results::Outcome,
+    reason: &str,
+    ms: u64,
+) -> cellcheck_conformance::results::TrialResult {
+    let mut r = cellcheck_conformance::results::synthetic(id, outcome, reason);
+    r.duration_ms = ms;
+    r
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

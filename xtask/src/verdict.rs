@@ -6,7 +6,7 @@ use std::fmt;
 use cellcheck_conformance::expectations::{glob_match, Date, Expectations, ExpectedOutcome};
 use serde::Serialize;
 
-use crate::results::{Outcome, TrialResult};
+use cellcheck_conformance::results::{Outcome, TrialResult};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -162,7 +162,7 @@ fn capability_skip(reason: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::results::sample;
+    use crate::util::sample;
 
     const FILE: &str = r#"
 [[expect]]

@@ -2,7 +2,7 @@
 //! scenarios × backends matrix with durations, reasons as tooltips and as text below.
 
 use super::{escape_xml as x, outcome_label, Report};
-use crate::results::Outcome;
+use cellcheck_conformance::results::Outcome;
 
 /// Cell colours; the pass green is what the screenshot test looks for.
 #[cfg(test)]

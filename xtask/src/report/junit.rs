@@ -1,7 +1,7 @@
 //! JUnit XML, the shape CI test-report viewers read: one `<testsuite>` per backend.
 
 use super::{escape_xml as x, Report};
-use crate::results::Outcome;
+use cellcheck_conformance::results::Outcome;
 
 pub fn render(r: &Report) -> String {
     let mut s = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");

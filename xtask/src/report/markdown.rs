@@ -1,7 +1,7 @@
 //! `matrix.md`: scenarios × backends, for a PR comment or a job summary.
 
 use super::{outcome_label, Report};
-use crate::results::Outcome;
+use cellcheck_conformance::results::Outcome;
 
 pub fn render(r: &Report) -> String {
     let backends = r.backend_names();

@@ -12,8 +12,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::matrix::Selected;
-use crate::results::{Outcome, Summary, TrialResult};
 use crate::verdict::Problem;
+use cellcheck_conformance::results::{Outcome, Summary, TrialResult};
 
 pub const SCHEMA: &str = "cellcheck-report/1";
 
@@ -213,7 +213,7 @@ pub fn outcome_label(o: Outcome) -> &'static str {
 pub(crate) mod fixture {
     //! A fixed run used by every writer's tests.
     use super::*;
-    use crate::results::sample;
+    use crate::util::sample;
     use crate::verdict::ProblemKind;
 
     pub fn report() -> Report {
@@ -248,7 +248,7 @@ pub(crate) mod fixture {
         ];
         results[0]
             .attributes
-            .insert("runtime".into(), serde_json::json!("host"));
+            .insert("runtime".into(), "host".into());
         let backends = vec![
             Selected {
                 name: "host".into(),

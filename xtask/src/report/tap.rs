@@ -1,7 +1,7 @@
 //! TAP version 13: a plan line, one `ok`/`not ok` per trial, YAML diagnostics for failures.
 
 use super::Report;
-use crate::results::Outcome;
+use cellcheck_conformance::results::Outcome;
 
 pub fn render(r: &Report) -> String {
     let mut s = format!("TAP version 13\n1..{}\n", r.results.len());
