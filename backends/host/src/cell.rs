@@ -11,6 +11,7 @@ use std::time::Instant;
 use cellcheck_contract::{CellError, ExitReport, Retry, Termination};
 use cellcheck_host_init::Status;
 use tokio::sync::watch;
+use tracing::debug;
 
 use crate::cgroup::{kill_all, CellDir};
 use crate::spawn::StatusReader;
@@ -89,7 +90,14 @@ impl Cell {
     pub(crate) fn teardown(&self) -> Result<bool, CellError> {
         let cell = self;
         let killed_running = lock(&cell.shared.st).end.is_none();
-        let emptied = kill_all(&cell.dirs, KILL_TIMEOUT);
+        let killed = kill_all(&cell.dirs, KILL_TIMEOUT);
+        debug!(
+            tasks = killed.tasks,
+            emptied = killed.emptied,
+            "teardown killed {} tasks",
+            killed.tasks
+        );
+        let emptied = killed.emptied;
         if let Some(h) = lock(&cell.supervisor).take() {
             let _ = h.join();
         }
@@ -125,7 +133,11 @@ impl Cell {
             }
             st.timed_out = true;
         }
-        kill_all(&cell.dirs, KILL_TIMEOUT);
+        let killed = kill_all(&cell.dirs, KILL_TIMEOUT);
+        debug!(
+            tasks = killed.tasks,
+            "timeout passed: killed {} tasks", killed.tasks
+        );
     }
 }
 
@@ -148,7 +160,9 @@ pub(crate) fn supervise(
     {
         let mut st = lock(&shared.st);
         // Pid 1 killed without a report (destroy, timeout): the workload died with it.
-        st.end = Some(end.unwrap_or(End::Signaled(libc::SIGKILL)));
+        let end = end.unwrap_or(End::Signaled(libc::SIGKILL));
+        debug!(?end, "workload ended, init reaped");
+        st.end = Some(end);
     }
     shared.done.send_replace(true);
 }

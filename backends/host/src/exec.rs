@@ -146,11 +146,12 @@ pub(crate) async fn run(
     let oom_before: u64 = cell.dirs.iter().map(|d| d.oom_kills()).sum();
     let init = b.inner.cfg.init.clone();
     let (c2, r2, n2) = (cell.clone(), req.clone(), name.clone());
-    let (started, pid) = tokio::task::spawn_blocking(move || start(&c2, &init, &r2, &n2))
+    let (started, pid) = crate::blocking(move || start(&c2, &init, &r2, &n2))
         .await
         .unwrap_or_else(|e| Err(failure(format!("exec task: {e}"))))
         .inspect_err(|_| remove_outputs(&cell, &name))?;
-    let mut finishing = tokio::task::spawn_blocking(move || finish(started));
+    tracing::debug!(pid, name, "exec command started");
+    let mut finishing = crate::blocking(move || finish(started));
     let timed_out = match req.timeout_ms {
         Some(ms) => match tokio::time::timeout(Duration::from_millis(ms), &mut finishing).await {
             Ok(r) => return collect(&cell, &name, r.ok().flatten(), oom_before, b, id),

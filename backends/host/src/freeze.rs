@@ -35,6 +35,7 @@ pub(crate) fn freeze(cell: &Cell, frozen: bool) -> Result<(), CellError> {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
+    tracing::debug!(frozen, "freezer state reached");
     st.paused = frozen;
     Ok(())
 }

@@ -60,6 +60,7 @@ use cellcheck_contract::{
     AdmittedCell, Availability, Backend, Capabilities, Capability, CellDocument, CellError,
     CellHandle, ExecRequest, ExitReport, Footprint, Retry, TeardownReport,
 };
+use tracing::{debug, info_span, Instrument, Span};
 
 use cell::Cell;
 pub use cgroup::{HostLayout, Plan, Version as CgroupVersion};
@@ -168,6 +169,24 @@ fn failure(reason: impl Into<String>) -> CellError {
     }
 }
 
+/// `spawn_blocking` inside the caller's span, so a blocking step's events belong to its operation.
+fn blocking<F, R>(f: F) -> tokio::task::JoinHandle<R>
+where
+    F: FnOnce() -> R + Send + 'static,
+    R: Send + 'static,
+{
+    let span = Span::current();
+    tokio::task::spawn_blocking(move || span.in_scope(f))
+}
+
+/// An operation's outcome, with a failure recorded in its span.
+fn traced<T>(r: Result<T, CellError>) -> Result<T, CellError> {
+    if let Err(e) = &r {
+        debug!(error = %e, kind = e.kind(), "failed");
+    }
+    r
+}
+
 impl HostBackend {
     pub fn new(cfg: HostConfig) -> HostBackend {
         let instance = cfg
@@ -206,6 +225,11 @@ impl HostBackend {
     fn live(&self, id: &str) -> Result<Arc<Cell>, CellError> {
         self.inner.cells.get(id)
     }
+
+    /// The span of one operation on one cell.
+    fn span(&self, op: &'static str, id: &str) -> Span {
+        info_span!("host", op, backend = %self.inner.cfg.name, cell = %id)
+    }
 }
 
 impl Inner {
@@ -234,8 +258,9 @@ impl Inner {
         incarnation: Option<u64>,
     ) -> Result<TeardownReport, CellError> {
         let teardown = self.cells.begin_destroy(id, incarnation).await?;
+        debug!(incarnation = teardown.incarnation(), "teardown begins");
         let (inner, cell) = (self.clone(), teardown.cell().clone());
-        let res = tokio::task::spawn_blocking(move || {
+        let res = blocking(move || {
             let r = cell.teardown();
             // Before the id leaves the table: whoever hears NotFound finds nothing left.
             inner.state.remove_if_empty();
@@ -244,6 +269,7 @@ impl Inner {
         .await
         .unwrap_or_else(|e| Err(failure(format!("destroy task: {e}"))));
         let remaining_cells = teardown.finish();
+        debug!(remaining_cells, "teardown over");
         Ok(TeardownReport {
             id: id.to_string(),
             killed_running: res?,
@@ -262,7 +288,7 @@ impl Inner {
         let incarnation = reservation.incarnation();
         let inner = self.clone();
         let c2 = cell.clone();
-        let c = tokio::task::spawn_blocking(move || inner.start(&c2))
+        let c = blocking(move || inner.start(&c2))
             .await
             .unwrap_or_else(|e| Err(failure(format!("create task: {e}"))))
             .map(Arc::new)?;
@@ -275,8 +301,12 @@ impl Inner {
                 &id,
                 incarnation,
                 Duration::from_millis(ms),
-                |_, c| async move {
-                    let _ = tokio::task::spawn_blocking(move || c.expire()).await;
+                |_, c| {
+                    let span = info_span!("timeout", cell = %c.id);
+                    async move {
+                        let _ = blocking(move || c.expire()).await;
+                    }
+                    .instrument(span)
                 },
             );
         }
@@ -287,8 +317,12 @@ impl Inner {
                 &id,
                 incarnation,
                 Duration::from_secs(ttl),
-                move |inner, _| async move {
-                    let _ = inner.destroy(&id2, Some(incarnation)).await;
+                move |inner, _| {
+                    let span = info_span!("ttl", cell = %id2);
+                    async move {
+                        let _ = traced(inner.destroy(&id2, Some(incarnation)).await);
+                    }
+                    .instrument(span)
                 },
             );
         }
@@ -367,20 +401,62 @@ impl Backend for HostBackend {
     }
 
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
-        let cell = doc.admit()?;
-        let reservation = self.inner.cells.reserve(cell.id())?;
-        // A task of its own: a caller that gives up on the future must not strand a started
-        // cell half-made, nor leave it without its timers.
-        tokio::spawn(Inner::create_reserved(
-            self.inner.clone(),
-            cell,
-            reservation,
-        ))
+        let span = self.span("create", &doc.spec.id);
+        traced_op(async {
+            let cell = doc.admit()?;
+            let reservation = self.inner.cells.reserve(cell.id())?;
+            debug!(incarnation = reservation.incarnation(), "id reserved");
+            // A task of its own: a caller that gives up on the future must not strand a
+            // started cell half-made, nor leave it without its timers.
+            tokio::spawn(
+                Inner::create_reserved(self.inner.clone(), cell, reservation).in_current_span(),
+            )
+            .await
+            .unwrap_or_else(|e| Err(failure(format!("create task: {e}"))))
+        })
+        .instrument(span)
         .await
-        .unwrap_or_else(|e| Err(failure(format!("create task: {e}"))))
     }
 
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
+        let span = self.span("wait", id);
+        traced_op(self.wait_inner(id)).instrument(span).await
+    }
+
+    async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
+        let span = self.span("destroy", id);
+        traced_op(self.inner.destroy(id, None))
+            .instrument(span)
+            .await
+    }
+
+    fn footprint(&self, id: &str) -> Footprint {
+        self.inner.footprint(id)
+    }
+
+    async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
+        let span = self.span("exec", id);
+        traced_op(exec::run(self, id, req)).instrument(span).await
+    }
+
+    async fn pause(&self, id: &str) -> Result<(), CellError> {
+        let span = self.span("pause", id);
+        traced_op(self.freeze(id, true)).instrument(span).await
+    }
+
+    async fn resume(&self, id: &str) -> Result<(), CellError> {
+        let span = self.span("resume", id);
+        traced_op(self.freeze(id, false)).instrument(span).await
+    }
+
+    async fn list(&self) -> Vec<String> {
+        // A cell being destroyed is listed until it is gone.
+        self.inner.cells.list()
+    }
+}
+
+impl HostBackend {
+    async fn wait_inner(&self, id: &str) -> Result<ExitReport, CellError> {
         let cell = self.live(id)?;
         let mut done = cell.shared.done.subscribe();
         let deadline = cell
@@ -394,8 +470,9 @@ impl Backend for HostBackend {
                 Some(d) => match tokio::time::timeout_at(d, done.changed()).await {
                     Ok(r) => r.is_ok(),
                     Err(_) => {
+                        debug!("deadline passed while waiting");
                         let c = cell.clone();
-                        let _ = tokio::task::spawn_blocking(move || c.expire()).await;
+                        let _ = blocking(move || c.expire()).await;
                         continue;
                     }
                 },
@@ -407,36 +484,19 @@ impl Backend for HostBackend {
         }
     }
 
-    async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
-        self.inner.destroy(id, None).await
-    }
-
-    fn footprint(&self, id: &str) -> Footprint {
-        self.inner.footprint(id)
-    }
-
-    async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
-        exec::run(self, id, req).await
-    }
-
-    async fn pause(&self, id: &str) -> Result<(), CellError> {
+    async fn freeze(&self, id: &str, frozen: bool) -> Result<(), CellError> {
         let cell = self.live(id)?;
-        tokio::task::spawn_blocking(move || freeze::freeze(&cell, true))
+        blocking(move || freeze::freeze(&cell, frozen))
             .await
-            .unwrap_or_else(|e| Err(failure(format!("pause task: {e}"))))
+            .unwrap_or_else(|e| Err(failure(format!("freeze task: {e}"))))
     }
+}
 
-    async fn resume(&self, id: &str) -> Result<(), CellError> {
-        let cell = self.live(id)?;
-        tokio::task::spawn_blocking(move || freeze::freeze(&cell, false))
-            .await
-            .unwrap_or_else(|e| Err(failure(format!("resume task: {e}"))))
-    }
-
-    async fn list(&self) -> Vec<String> {
-        // A cell being destroyed is listed until it is gone.
-        self.inner.cells.list()
-    }
+/// An operation's future, with its failure recorded in its span.
+async fn traced_op<T>(
+    op: impl std::future::Future<Output = Result<T, CellError>>,
+) -> Result<T, CellError> {
+    traced(op.await)
 }
 
 impl Drop for Inner {

@@ -12,6 +12,7 @@ use std::time::Instant;
 use cellcheck_contract::{AdmittedCell, CellError, ResourceKind};
 use cellcheck_host_init::{Bind, Config, Status};
 use tokio::sync::watch;
+use tracing::{debug, info_span};
 
 use crate::cell::{supervise, Cell, CellState, End, Shared};
 use crate::cgroup::{kill_all, CellDir};
@@ -48,6 +49,7 @@ impl Inner {
                 })
             }
             Err(e) => {
+                debug!(error = %e, "start failed, removing what was made");
                 made.cleanup();
                 self.state.remove_if_empty();
                 Err(e)
@@ -81,6 +83,7 @@ impl Inner {
             made.dirs.push(d.clone());
             d.create(limits.memory_max_bytes, limits.pids_max, limits.cpu_max)
                 .map_err(|e| failure(format!("cgroup: {e}")))?;
+            debug!(dir = %d.dir.display(), "cgroup made");
         }
         let stdout = open_capture(&state_dir.join("stdout"))?;
         let stderr = open_capture(&state_dir.join("stderr"))?;
@@ -97,6 +100,7 @@ impl Inner {
         )
         .map_err(|e| failure(format!("start {}: {e}", self.cfg.init.display())))?;
         let init_pid = child.id();
+        debug!(init_pid, "init spawned");
         made.child = Some(child);
         for d in dirs {
             d.add(init_pid)
@@ -114,6 +118,7 @@ impl Inner {
             match msg {
                 Some(Status::Forked(nspid)) => {
                     startup.host_pid = find_host_pid(dirs, nspid);
+                    debug!(nspid, host_pid = ?startup.host_pid, "workload forked");
                     sync.write_all(b"g")
                         .map_err(|e| failure(format!("init: {e}")))?;
                 }
@@ -137,6 +142,7 @@ impl Inner {
         }
         drop(sync);
         let pid1 = startup.pid1.expect("complete");
+        debug!(pid1, early_end = ?startup.end, "pid 1 reported, workload started");
         let (done, _) = watch::channel(false);
         let shared = Arc::new(Shared {
             st: Mutex::new(CellState::default()),
@@ -145,9 +151,14 @@ impl Inner {
         let child = made.child.take().expect("spawned above");
         let sh = shared.clone();
         let early_end = startup.end;
+        let id = cell.id().to_string();
         let supervisor = std::thread::Builder::new()
             .name(format!("cell-{}", cell.id()))
-            .spawn(move || supervise(child, status, early_end, sh))
+            .spawn(move || {
+                // A span of its own: the supervisor outlives the create that started it.
+                info_span!(parent: None, "host", op = "supervise", cell = %id)
+                    .in_scope(|| supervise(child, status, early_end, sh))
+            })
             .map_err(|e| failure(format!("supervisor thread: {e}")))?;
         Ok((pid1, startup.host_pid, supervisor, shared))
     }

@@ -894,3 +894,69 @@ fn two_processes_churn_at_once() {
         );
     }
 }
+
+/// Every operation is a span naming its cell, with events at its key steps, so a failing trial
+/// can show what the backend did on the way.
+#[tokio::test]
+#[tracing_test::traced_test]
+async fn operations_are_traced_with_the_cell_id() {
+    let Some(b) = backend() else { return };
+    let d = probe(&["sleep", "30000"]);
+    let id = d.spec.id.clone();
+    b.create(&d).await.unwrap();
+    b.pause(&id).await.unwrap();
+    b.resume(&id).await.unwrap();
+    let r = b
+        .exec(
+            &id,
+            ExecRequest {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.code(), Some(0));
+    let fp = b.footprint(&id);
+    let rep = b.destroy(&id).await.unwrap();
+    assert!(rep.killed_running);
+    assert_clean(&fp);
+    assert_eq!(
+        b.wait(&id).await.unwrap_err(),
+        CellError::cell_not_found(&id)
+    );
+    for (op, event) in [
+        ("create", "cgroup made"),
+        ("create", "init spawned"),
+        ("create", "pid 1 reported"),
+        ("pause", "freezer state reached"),
+        ("resume", "freezer state reached"),
+        ("exec", "exec command started"),
+        ("destroy", "teardown killed"),
+        ("wait", "failed"),
+    ] {
+        let span = format!("op=\"{op}\" backend=host cell={id}");
+        logs_assert(|lines: &[&str]| {
+            lines
+                .iter()
+                .any(|l| l.contains(&span) && l.contains(event))
+                .then_some(())
+                .ok_or(format!("no {event:?} in a {op} span of {id}"))
+        });
+    }
+    logs_assert(|lines: &[&str]| {
+        let line = lines
+            .iter()
+            .find(|l| l.contains("teardown killed") && l.contains(&id))
+            .ok_or("no teardown event")?;
+        // The workload (and pid 1 with the init) were running: at least the workload died.
+        match line
+            .split("tasks=")
+            .nth(1)
+            .and_then(|t| t.split(' ').next())
+        {
+            Some(n) if n.parse::<usize>().map_err(|e| e.to_string())? >= 1 => Ok(()),
+            other => Err(format!("teardown killed {other:?} tasks: {line}")),
+        }
+    });
+}

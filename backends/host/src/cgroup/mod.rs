@@ -194,10 +194,20 @@ impl CellDir {
     }
 }
 
+/// What [`kill_all`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Killed {
+    /// The cgroups emptied in time.
+    pub emptied: bool,
+    /// How many distinct tasks were sent SIGKILL.
+    pub tasks: usize,
+}
+
 /// Kill every task of the cell's cgroups until they are empty (thawing a frozen cell so the kill
-/// lands). Returns whether they emptied in time.
-pub fn kill_all(dirs: &[CellDir], within: Duration) -> bool {
+/// lands).
+pub fn kill_all(dirs: &[CellDir], within: Duration) -> Killed {
     let deadline = Instant::now() + within;
+    let mut signalled = std::collections::BTreeSet::new();
     loop {
         let mut any = false;
         for d in dirs {
@@ -213,16 +223,17 @@ pub fn kill_all(dirs: &[CellDir], within: Duration) -> bool {
             for p in procs {
                 // SAFETY: signalling a pid that is a member of our own cell's cgroup.
                 unsafe { libc::kill(p as libc::pid_t, libc::SIGKILL) };
+                signalled.insert(p);
             }
             if d.has("freezer") {
                 let _ = d.freeze(false);
             }
         }
-        if !any {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
+        if !any || Instant::now() >= deadline {
+            return Killed {
+                emptied: !any,
+                tasks: signalled.len(),
+            };
         }
         std::thread::sleep(Duration::from_millis(1));
     }
