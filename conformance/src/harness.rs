@@ -364,8 +364,9 @@ impl Ctx {
             .map_err(|e| self.fail(format!("create failed: {e} ({e:?})")))
     }
 
-    /// Create, then wait until the workload runs its program (by `/proc/<pid>/cmdline` where the
-    /// host pid is known, else a short settle delay).
+    /// Create, then wait until the workload runs its program: a holding probe until it says it is
+    /// ready (so its fds and env are only what the backend handed over), anything else until
+    /// `/proc/<pid>/cmdline` is its argv; without a host pid, a short settle delay.
     pub async fn create_running(&self, doc: &CellDocument) -> Result<CellHandle, Failure> {
         let h = self.create(doc).await?;
         self.await_running(&h, &doc.spec.run.argv).await?;
@@ -373,20 +374,41 @@ impl Ctx {
     }
 
     pub async fn await_running(&self, h: &CellHandle, argv: &[String]) -> Result<(), Failure> {
+        use cellcheck_fixtures::ProbeState;
         let Some(pid) = h.host_pid else {
             tokio::time::sleep(Duration::from_millis(500)).await;
             return Ok(());
         };
         let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+        let probe = cellcheck_fixtures::ready::announces_readiness(argv);
         let start = Instant::now();
         loop {
-            let seen = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if seen == want {
+            let state = cellcheck_fixtures::probe_state(std::path::Path::new("/proc"), pid);
+            let seen = match state {
+                ProbeState::Ready if probe => return Ok(()),
+                // A process that ended cannot start later: say so now rather than after 15 s.
+                ProbeState::Exited | ProbeState::Gone => {
+                    return Err(self.fail(format!(
+                        "host pid {pid} {} before it started {argv:?}",
+                        if state == ProbeState::Gone {
+                            "does not exist"
+                        } else {
+                            "exited"
+                        }
+                    )))
+                }
+                ProbeState::Ready => {
+                    std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default()
+                }
+                ProbeState::Starting { cmdline, .. } => cmdline,
+            };
+            if !probe && seen == want {
                 return Ok(());
             }
             if start.elapsed() > Duration::from_secs(15) {
+                let what = if probe { "get ready running" } else { "start" };
                 return Err(self.fail(format!(
-                    "host pid {pid} did not start {argv:?} within 15 s (cmdline {:?})",
+                    "host pid {pid} did not {what} {argv:?} within 15 s (cmdline {:?})",
                     String::from_utf8_lossy(&seen)
                 )));
             }
