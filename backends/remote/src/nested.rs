@@ -25,13 +25,14 @@
 //! the outer cell, and removes whatever of the inner footprint is left — so a driver that crashed
 //! or hung leaves nothing behind either.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use cellcheck_contract::table::CellTable;
 use cellcheck_contract::{
     Availability, Backend, Capabilities, Capability, CellDocument, CellError, CellHandle,
     ExecRequest, ExitReport, Footprint, TeardownReport,
@@ -45,106 +46,21 @@ use crate::RemoteOptions;
 const FIXTURES_IN_CELL: &str = "/run/fixtures";
 const NEST_IN_CELL: &str = "/run/nest";
 
-/// Where the static driver is (or will be) built: next to the other static fixtures.
-pub fn static_driver_path(fx: &cellcheck_fixtures::Fixtures) -> PathBuf {
-    fx.dir.join("bin/cellcheck-driver")
-}
-
-/// Build `cellcheck-driver` statically (it runs in the busybox root), unless `CELLCHECK_DRIVER_BIN`
-/// names one or the built one is newer than its sources. Serialised by a file lock.
+/// The static driver: `CELLCHECK_DRIVER_BIN` when set, else the one the fixture builder built
+/// beside the other static fixtures (it runs in the busybox root of the outer cell).
 pub fn ensure_static_driver(fx: &cellcheck_fixtures::Fixtures) -> Result<PathBuf, CellError> {
-    if let Some(p) = std::env::var_os("CELLCHECK_DRIVER_BIN") {
-        return Ok(PathBuf::from(p));
-    }
-    let out = static_driver_path(fx);
-    let root = cellcheck_fixtures::workspace_root();
-    let fail = |what: &str, e: std::io::Error| CellError::Unavailable {
-        reason: format!("static cellcheck-driver: {what}: {e}"),
-    };
-    fs::create_dir_all(out.parent().unwrap_or(Path::new(".")))
-        .map_err(|e| fail("create bin dir", e))?;
-    let lock = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(fx.dir.join(".driver.lock"))
-        .map_err(|e| fail("open lock", e))?;
-    // SAFETY: flock on an fd we own, released when `lock` is dropped.
-    if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&lock), libc::LOCK_EX) } != 0 {
-        return Err(fail("flock", std::io::Error::last_os_error()));
-    }
-    let sources = [
-        "backends/driver",
-        "backends/host/src",
-        "backends/host-init/src",
-        "backends/remote/src",
-        "backends/contract/src",
-        "Cargo.lock",
-    ];
-    let built = fs::metadata(&out).and_then(|m| m.modified()).ok();
-    let stale = built.is_none_or(|b| sources.iter().any(|s| newer_than(&root.join(s), b)));
-    if !stale {
-        return Ok(out);
-    }
-    let build_dir = cellcheck_fixtures::target_dir().join("cellcheck-fixtures-build");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let target = cellcheck_fixtures::static_target();
-    let res = std::process::Command::new(cargo)
-        .current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "cellcheck-driver",
-            "--target",
-            target,
-        ])
-        .arg("--target-dir")
-        .arg(&build_dir)
-        .env("RUSTFLAGS", "-C target-feature=+crt-static")
-        .env_remove("CARGO_TARGET_DIR")
-        .env_remove("CARGO_ENCODED_RUSTFLAGS")
-        .output()
-        .map_err(|e| fail("run cargo", e))?;
-    if !res.status.success() {
-        return Err(CellError::Unavailable {
-            reason: format!(
-                "static cellcheck-driver did not build ({}): {}",
-                res.status,
-                String::from_utf8_lossy(&res.stderr)
-                    .lines()
-                    .rev()
-                    .take(8)
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            ),
-        });
-    }
-    let tmp = out.with_extension("tmp");
-    fs::copy(
-        build_dir.join(target).join("release/cellcheck-driver"),
-        &tmp,
-    )
-    .map_err(|e| fail("copy", e))?;
-    fs::rename(&tmp, &out).map_err(|e| fail("install", e))?;
-    Ok(out)
-}
-
-fn newer_than(p: &Path, t: std::time::SystemTime) -> bool {
-    let Ok(md) = fs::metadata(p) else {
-        return false;
-    };
-    if md.is_dir() {
-        fs::read_dir(p)
-            .map(|rd| rd.flatten().any(|e| newer_than(&e.path(), t)))
-            .unwrap_or(false)
+    let driver = std::env::var_os("CELLCHECK_DRIVER_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| fx.driver.clone());
+    if driver.is_file() {
+        Ok(driver)
     } else {
-        md.modified().map(|m| m > t).unwrap_or(false)
+        Err(CellError::Unavailable {
+            reason: format!("static cellcheck-driver missing at {}", driver.display()),
+        })
     }
 }
 
-/// FNV-1a: a stable short name for an inner id (ids may be 128 characters; ours get a prefix).
 fn fnv(s: &str) -> u64 {
     s.bytes().fold(0xcbf29ce484222325u64, |h, b| {
         (h ^ b as u64).wrapping_mul(0x100000001b3)
@@ -230,13 +146,11 @@ fn host_pid_of(driver: u32, ns_pid: u32) -> Option<u32> {
     None
 }
 
-enum Slot {
-    Creating,
-    Live(Arc<NestedCell>),
-}
-
 struct NestedCell {
+    id: String,
     outer_id: String,
+    /// Host pid of the driver (the outer cell's workload).
+    driver_pid: u32,
     conn: Conn,
     timeout_ms: Option<u64>,
     ttl: Mutex<Option<tokio::task::JoinHandle<()>>>,
@@ -251,7 +165,7 @@ struct Inner {
     outer: Option<HostBackend>,
     caps: Capabilities,
     opts: RemoteOptions,
-    cells: Mutex<HashMap<String, Slot>>,
+    cells: CellTable<NestedCell>,
 }
 
 /// The nested backend. Cheap to clone; clones share their cells.
@@ -318,7 +232,7 @@ impl NestedBackend {
                 outer: Some(outer),
                 caps,
                 opts,
-                cells: Mutex::new(HashMap::new()),
+                cells: CellTable::new(),
             }),
         }
     }
@@ -357,10 +271,7 @@ impl NestedBackend {
     }
 
     fn live(&self, id: &str) -> Result<Arc<NestedCell>, CellError> {
-        match lock(&self.inner.cells).get(id) {
-            Some(Slot::Live(c)) => Ok(c.clone()),
-            _ => Err(CellError::cell_not_found(id)),
-        }
+        self.inner.cells.get(id)
     }
 
     /// The inner backend's footprint of `id`, with paths as the host sees them.
@@ -404,8 +315,9 @@ impl NestedBackend {
         }
     }
 
-    /// Start the outer cell and its driver, and connect. On error nothing is left.
-    async fn open(&self, outer_id: &str) -> Result<Conn, CellError> {
+    /// Start the outer cell and its driver, and connect: the connection and the driver's host
+    /// pid. On error nothing is left.
+    async fn open(&self, outer_id: &str) -> Result<(Conn, u32), CellError> {
         let sock_dir = self.inner.root.join("sock");
         let state_dir = self.inner.root.join("state").join(outer_id);
         for d in [&sock_dir, &state_dir] {
@@ -495,7 +407,7 @@ impl NestedBackend {
             self.teardown_outer(outer_id, None).await;
             return Err(e);
         }
-        Ok(conn)
+        Ok((conn, pid))
     }
 
     /// Destroy the outer cell and remove what is left of the inner cell `inner_id`.
@@ -520,9 +432,18 @@ impl NestedBackend {
         let _ = fs::remove_dir_all(self.inner.root.join("state").join(outer_id));
     }
 
-    async fn destroy_cell(&self, id: &str, cell: Arc<NestedCell>) -> Result<bool, CellError> {
-        if let Some(t) = lock(&cell.ttl).take() {
-            t.abort();
+    /// Tear down the cell `teardown` holds. `incarnation` is `Some` when the cell's own TTL timer
+    /// is the caller, which must not abort itself.
+    async fn destroy_cell(
+        &self,
+        id: &str,
+        cell: &NestedCell,
+        incarnation: Option<u64>,
+    ) -> Result<bool, CellError> {
+        if incarnation.is_none() {
+            if let Some(t) = lock(&cell.ttl).take() {
+                t.abort();
+            }
         }
         let inner = client::destroy(&cell.conn, &self.inner.opts.deadlines, id).await;
         // The driver destroys anything left and exits when its input closes.
@@ -534,8 +455,8 @@ impl NestedBackend {
             Err(e) => {
                 // The outer cell took everything with it; say so, but the cell is gone.
                 eprintln!(
-                    "{}: inner destroy of {id} failed ({e}); removed with its outer cell",
-                    self.inner.name
+                    "{}: inner destroy of {id} failed ({e}); removed with its outer cell (driver pid {})",
+                    self.inner.name, cell.driver_pid
                 );
                 Ok(true)
             }
@@ -579,25 +500,23 @@ fn merge(mut a: Footprint, b: Footprint) -> Footprint {
     a
 }
 
-async fn ttl_reap(weak: Weak<Inner>, id: String, after: Duration) {
-    tokio::time::sleep(after).await;
-    let Some(inner) = weak.upgrade() else { return };
-    let b = NestedBackend { inner };
-    let cell = {
-        let mut cells = lock(&b.inner.cells);
-        match cells.get(&id) {
-            Some(Slot::Live(c)) => {
-                let c = c.clone();
-                cells.remove(&id);
-                c
-            }
-            _ => return,
-        }
-    };
-    // Not through destroy_cell: that would abort this very task.
-    let _ = client::destroy(&cell.conn, &b.inner.opts.deadlines, &id).await;
-    cell.conn.close(Duration::from_secs(10));
-    b.teardown_outer(&cell.outer_id, Some(&id)).await;
+impl NestedBackend {
+    /// Destroy `id` (only its incarnation `incarnation`, when given: for the TTL timer). A
+    /// concurrent second destroy waits in the cell table until this one is over.
+    async fn destroy_incarnation(
+        &self,
+        id: &str,
+        incarnation: Option<u64>,
+    ) -> Result<TeardownReport, CellError> {
+        let teardown = self.inner.cells.begin_destroy(id, incarnation).await?;
+        let killed_running = self.destroy_cell(id, teardown.cell(), incarnation).await?;
+        let remaining_cells = teardown.finish();
+        Ok(TeardownReport {
+            id: id.to_string(),
+            killed_running,
+            remaining_cells,
+        })
+    }
 }
 
 #[async_trait]
@@ -667,18 +586,13 @@ impl Backend for NestedBackend {
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
         let cell = doc.admit()?;
         let id = cell.id().to_string();
-        {
-            let mut cells = lock(&self.inner.cells);
-            if cells.contains_key(&id) {
-                return Err(CellError::AlreadyExists { id });
-            }
-            cells.insert(id.clone(), Slot::Creating);
-        }
+        // Dropped on any error below (or a cancelled create): the id is free again.
+        let reservation = self.inner.cells.reserve(&id)?;
         let outer_id = self.outer_id(&id);
         let res = async {
-            let conn = self.open(&outer_id).await?;
+            let (conn, driver_pid) = self.open(&outer_id).await?;
             match client::create(&conn, &self.inner.opts.deadlines, doc).await {
-                Ok(h) => Ok((conn, h)),
+                Ok(h) => Ok((conn, driver_pid, h)),
                 Err(e) => {
                     conn.close(Duration::from_secs(10));
                     self.teardown_outer(&outer_id, Some(&id)).await;
@@ -687,32 +601,35 @@ impl Backend for NestedBackend {
             }
         }
         .await;
-        let (conn, h) = match res {
-            Ok(v) => v,
-            Err(e) => {
-                lock(&self.inner.cells).remove(&id);
-                return Err(e);
-            }
-        };
-        let host_pid = match (h.host_pid, conn_driver_pid(&conn)) {
-            (Some(p), Some(d)) => host_pid_of(d, p),
+        let (conn, driver_pid, h) = res?;
+        let host_pid = match h.host_pid {
+            Some(p) if driver_pid > 0 => host_pid_of(driver_pid, p),
             _ => None,
         };
         let nc = Arc::new(NestedCell {
+            id: id.clone(),
             outer_id,
+            driver_pid,
             conn,
             timeout_ms: cell.timeout_ms(),
             ttl: Mutex::new(None),
         });
         if let Some(ttl) = cell.ttl_seconds() {
-            let t = tokio::spawn(ttl_reap(
-                Arc::downgrade(&self.inner),
-                id.clone(),
+            let incarnation = reservation.incarnation();
+            let id2 = id.clone();
+            let t = self.inner.cells.reap_after(
+                &self.inner,
+                &id,
+                incarnation,
                 Duration::from_secs(ttl),
-            ));
+                move |inner: Arc<Inner>, _| async move {
+                    let b = NestedBackend { inner };
+                    let _ = b.destroy_incarnation(&id2, Some(incarnation)).await;
+                },
+            );
             *lock(&nc.ttl) = Some(t);
         }
-        lock(&self.inner.cells).insert(id.clone(), Slot::Live(nc));
+        reservation.commit(nc);
         Ok(CellHandle { id, host_pid })
     }
 
@@ -723,26 +640,7 @@ impl Backend for NestedBackend {
     }
 
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
-        let cell = {
-            let mut cells = lock(&self.inner.cells);
-            match cells.get(id) {
-                Some(Slot::Live(_)) => match cells.remove(id) {
-                    Some(Slot::Live(c)) => c,
-                    _ => unreachable!("checked under the same lock"),
-                },
-                _ => return Err(CellError::cell_not_found(id)),
-            }
-        };
-        let killed_running = self.destroy_cell(id, cell).await?;
-        let remaining_cells = lock(&self.inner.cells)
-            .values()
-            .filter(|s| matches!(s, Slot::Live(_)))
-            .count();
-        Ok(TeardownReport {
-            id: id.to_string(),
-            killed_running,
-            remaining_cells,
-        })
+        self.destroy_incarnation(id, None).await
     }
 
     fn footprint(&self, id: &str) -> Footprint {
@@ -772,13 +670,7 @@ impl Backend for NestedBackend {
     }
 
     async fn list(&self) -> Vec<String> {
-        let mut ids: Vec<String> = lock(&self.inner.cells)
-            .iter()
-            .filter(|(_, s)| matches!(s, Slot::Live(_)))
-            .map(|(k, _)| k.clone())
-            .collect();
-        ids.sort();
-        ids
+        self.inner.cells.list()
     }
 }
 
@@ -801,33 +693,16 @@ impl Drop for SocketWriter {
     }
 }
 
-/// The driver's host pid, from the connection's label ("... (pid N)").
-fn conn_driver_pid(conn: &Conn) -> Option<u32> {
-    let l = conn.label();
-    let at = l.rfind("(pid ")? + 5;
-    l[at..]
-        .trim_end_matches(')')
-        .parse()
-        .ok()
-        .filter(|p| *p > 0)
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
-        let cells: Vec<(String, Arc<NestedCell>)> = lock(&self.cells)
-            .drain()
-            .filter_map(|(id, s)| match s {
-                Slot::Live(c) => Some((id, c)),
-                Slot::Creating => None,
-            })
-            .collect();
-        for (_, c) in &cells {
+        let cells = self.cells.drain();
+        for c in &cells {
             c.conn.close(Duration::from_secs(5));
         }
         // Dropping the outer backend destroys every outer cell it still tracks.
         drop(self.outer.take());
-        for (id, c) in &cells {
-            let f = inner_footprint_in_cell(&c.outer_id, id);
+        for c in &cells {
+            let f = inner_footprint_in_cell(&c.outer_id, &c.id);
             remove_cgroup_dirs_and_parents(&f.cgroup_dirs);
         }
         let _ = fs::remove_dir_all(&self.root);
