@@ -61,4 +61,4 @@ pub mod scenarios;
 mod suite;
 
 pub use harness::{Ctx, Failure, Scenario};
-pub use suite::{run_scenario, run_scenario_bounded, Suite};
+pub use suite::{check_selection, run_scenario, run_scenario_bounded, Suite};

@@ -1,8 +1,9 @@
 //! Preflight results cached per backend, so one-process-per-trial runners (nextest) pay a
 //! backend's functional check once every few minutes instead of once per trial.
 //!
-//! The cache lives at `<target>/cellcheck/preflight/<backend>.json`, is keyed by the fixtures
-//! build, and expires after [`MAX_AGE`]. `CELLCHECK_PREFLIGHT_CACHE=0` disables it.
+//! The cache lives at `<target>/cellcheck/preflight/<backend>.json`, is keyed by everything that
+//! configures the backend ([`config_key`]: the fixtures build, the backend's attributes, the
+//! `CELLCHECK_*` settings), and expires after [`MAX_AGE`]. `CELLCHECK_PREFLIGHT_CACHE=0` disables it.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -57,6 +58,39 @@ pub fn fixtures_key(fx: Option<&cellcheck_fixtures::Fixtures>) -> String {
         part(&fx.probe),
         part(&fx.host_init)
     )
+}
+
+/// Variables that select trials or are per process, never a backend's configuration.
+const NOT_CONFIG: &[&str] = &[
+    "CELLCHECK_BACKENDS",
+    "CELLCHECK_STRICT",
+    "CELLCHECK_PREFLIGHT_CACHE",
+    "CELLCHECK_EXPECTATIONS",
+    "CELLCHECK_HOST_CLASS",
+    "CELLCHECK_CANARY_",
+];
+
+/// Everything that configures `backend`, so one configuration's answer (another driver command,
+/// another runtime binary, other fixtures) is never reported for another: the fixtures key, the
+/// backend's attributes and every `CELLCHECK_*` variable that is not in [`NOT_CONFIG`].
+pub fn config_key(backend: &dyn Backend, fixtures_key: &str) -> String {
+    config_key_of(&backend.attributes(), fixtures_key, std::env::vars_os())
+}
+
+fn config_key_of(
+    attributes: &std::collections::BTreeMap<String, String>,
+    fixtures_key: &str,
+    env: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> String {
+    let mut settings: Vec<String> = env
+        .filter_map(|(k, v)| {
+            let k = k.into_string().ok()?;
+            (k.starts_with("CELLCHECK_") && !NOT_CONFIG.iter().any(|n| k.starts_with(n)))
+                .then(|| format!("{k}={}", v.to_string_lossy()))
+        })
+        .collect();
+    settings.sort();
+    format!("{fixtures_key}|attributes={attributes:?}|env={settings:?}")
 }
 
 fn read(path: &Path, backend: &str, key: &str) -> Option<Availability> {
@@ -127,5 +161,63 @@ mod tests {
         write(&p, &e).unwrap();
         assert_eq!(read(&p, "b", "k1"), None);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn the_key_changes_with_what_configures_a_backend_only() {
+        use std::collections::BTreeMap;
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect::<Vec<(std::ffi::OsString, std::ffi::OsString)>>()
+                .into_iter()
+        };
+        let attrs = BTreeMap::new();
+        let base = config_key_of(
+            &attrs,
+            "fx",
+            env(&[("CELLCHECK_REMOTE_DRIVER", "/bin/false"), ("HOME", "/root")]),
+        );
+        let other_driver = config_key_of(
+            &attrs,
+            "fx",
+            env(&[
+                ("CELLCHECK_REMOTE_DRIVER", "python3 d.py"),
+                ("HOME", "/root"),
+            ]),
+        );
+        assert_ne!(base, other_driver);
+        assert_ne!(
+            base,
+            config_key_of(
+                &attrs,
+                "fx2",
+                env(&[("CELLCHECK_REMOTE_DRIVER", "/bin/false")])
+            )
+        );
+        let mut runtime = BTreeMap::new();
+        runtime.insert("runtime".to_string(), "runc 1.1".to_string());
+        assert_ne!(
+            base,
+            config_key_of(
+                &runtime,
+                "fx",
+                env(&[("CELLCHECK_REMOTE_DRIVER", "/bin/false")])
+            )
+        );
+        // Selection, strictness, the per-process canary and unrelated variables do not count.
+        let same = config_key_of(
+            &attrs,
+            "fx",
+            env(&[
+                ("CELLCHECK_BACKENDS", "remote"),
+                ("CELLCHECK_STRICT", "1"),
+                ("CELLCHECK_CANARY_ABC", "x"),
+                ("CELLCHECK_REMOTE_DRIVER", "/bin/false"),
+                ("PATH", "/x"),
+            ]),
+        );
+        assert_eq!(base, same);
     }
 }

@@ -105,8 +105,29 @@ impl Suite {
         crate::ids::canary();
         harness::sentinels();
         let args = Arguments::from_args();
+        // A selection naming no registered backend would list and run nothing, and "0 passed"
+        // is a green run the user never asked for.
+        if let Err(e) = check_selection(
+            std::env::var("CELLCHECK_BACKENDS").ok().as_deref(),
+            &self.names(),
+        ) {
+            eprintln!("cellcheck: {e}");
+            return ExitCode::FAILURE;
+        }
         let trials = self.trials(&args);
         libtest_mimic::run(&args, trials).exit_code()
+    }
+
+    /// The names of the registered backends (a plain factory is constructed to learn its name,
+    /// cheap by contract).
+    pub fn names(&self) -> Vec<String> {
+        self.backends
+            .iter()
+            .map(|f| match f {
+                Factory::Plain(f) => f().name().to_string(),
+                Factory::WithFixtures { name, .. } => name.clone(),
+            })
+            .collect()
     }
 
     /// Build the trials for `args`: one per (selected backend, scenario).
@@ -174,7 +195,10 @@ impl Suite {
             };
             let availability = match &backend {
                 Ok(b) => {
-                    let key = crate::preflight::fixtures_key(fx.as_ref().ok());
+                    let key = crate::preflight::config_key(
+                        &**b,
+                        &crate::preflight::fixtures_key(fx.as_ref().ok()),
+                    );
                     let b2 = b.clone();
                     let (a, _cached) = runtime()
                         .block_on(async move { crate::preflight::preflight(&*b2, &key).await });
@@ -244,6 +268,31 @@ impl Suite {
         }
         trials
     }
+}
+
+/// `CELLCHECK_BACKENDS` (comma-separated; unset or blank selects all) against the registered
+/// names: an error naming every unknown name and the known ones.
+pub fn check_selection(selection: Option<&str>, known: &[String]) -> Result<(), String> {
+    let Some(sel) = selection.filter(|s| !s.trim().is_empty()) else {
+        return Ok(());
+    };
+    let unknown: Vec<&str> = sel
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !known.iter().any(|k| k == n))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(format!(
+        "CELLCHECK_BACKENDS={sel:?} names unknown backend(s): {}; known: {}",
+        unknown
+            .iter()
+            .map(|n| if n.is_empty() { "\"\" (empty)" } else { n })
+            .collect::<Vec<_>>()
+            .join(", "),
+        known.join(", ")
+    ))
 }
 
 fn selected_by_filter(args: &Arguments, name: &str) -> bool {
@@ -392,5 +441,23 @@ pub fn run_scenario_bounded(
         Ok(())
     } else {
         Err(r.message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_selection;
+
+    #[test]
+    fn a_selection_must_name_registered_backends() {
+        let known = ["host".to_string(), "runc".to_string()];
+        assert_eq!(check_selection(None, &known), Ok(()));
+        assert_eq!(check_selection(Some(" "), &known), Ok(()));
+        assert_eq!(check_selection(Some("host, runc"), &known), Ok(()));
+        let e = check_selection(Some("host,nosuch,runcc"), &known).unwrap_err();
+        assert!(e.contains("unknown backend(s): nosuch, runcc"), "{e}");
+        assert!(e.contains("known: host, runc"), "{e}");
+        let e = check_selection(Some("host,"), &known).unwrap_err();
+        assert!(e.contains("(empty)"), "{e}");
     }
 }
