@@ -138,7 +138,8 @@ static CRIU: OnceLock<String> = OnceLock::new();
 /// Why snapshots are unsupported here, from `criu check` (run once per process).
 fn criu_reason() -> String {
     CRIU.get_or_init(|| {
-        match Command::new("criu")
+        // Found by path: the command runs with a cleared env, whose exec never looks in /usr/sbin.
+        match Command::new(cellcheck_fixtures::host_tool("criu").unwrap_or_else(|| "criu".into()))
             .arg("check")
             .env_clear()
             .stdin(Stdio::null())
