@@ -311,7 +311,44 @@ fn rerun_hint(trial: &str) -> String {
             _ => s,
         })
         .unwrap_or_else(|| "conformance".into());
-    format!("rerun: cargo nextest run -p {pkg} --test {test} -E 'test(={trial})'")
+    rerun_line(trial, &pkg, &test, std::env::vars())
+}
+
+/// The command that reruns `trial` (`backend::family::scenario`) alone, with every variable that
+/// selected or configured it: the backend by name (a driver backend is listed only when
+/// selected and configured) and each `CELLCHECK_*` setting of this run, shell-quoted.
+fn rerun_line(
+    trial: &str,
+    pkg: &str,
+    test: &str,
+    env: impl Iterator<Item = (String, String)>,
+) -> String {
+    let backend = trial.split("::").next().unwrap_or_default();
+    let mut vars: Vec<(String, String)> = env
+        .filter(|(k, _)| {
+            k.starts_with("CELLCHECK_")
+                && k != "CELLCHECK_BACKENDS"
+                && !k.starts_with("CELLCHECK_CANARY_")
+        })
+        .collect();
+    vars.sort();
+    vars.insert(0, ("CELLCHECK_BACKENDS".into(), backend.to_string()));
+    let prefix: String = vars
+        .iter()
+        .map(|(k, v)| format!("{k}={} ", shell_quote(v)))
+        .collect();
+    format!("rerun: {prefix}cargo nextest run -p {pkg} --test {test} -E 'test(={trial})'")
+}
+
+fn shell_quote(v: &str) -> String {
+    if !v.is_empty()
+        && v.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./,:=+@".contains(c))
+    {
+        v.to_string()
+    } else {
+        format!("'{}'", v.replace('\'', "'\\''"))
+    }
 }
 
 fn make_trial(
@@ -446,7 +483,27 @@ pub fn run_scenario_bounded(
 
 #[cfg(test)]
 mod tests {
-    use super::check_selection;
+    use super::{check_selection, rerun_line};
+
+    #[test]
+    fn a_rerun_line_carries_what_selected_and_configured_the_trial() {
+        let env = [
+            ("CELLCHECK_REMOTE_DRIVER", "python3 my driver.py"),
+            ("CELLCHECK_BACKENDS", "host,remote"),
+            ("CELLCHECK_CANARY_XYZ", "ambient"),
+            ("CELLCHECK_EXPECTATIONS", "/x/exp.toml"),
+            ("HOME", "/root"),
+            ("CELLCHECK_FIXTURES_DIR", "it's"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let line = rerun_line("remote::exit::code_0", "p", "conformance", env.into_iter());
+        assert_eq!(
+            line,
+            "rerun: CELLCHECK_BACKENDS=remote CELLCHECK_EXPECTATIONS=/x/exp.toml \
+             CELLCHECK_FIXTURES_DIR='it'\\''s' CELLCHECK_REMOTE_DRIVER='python3 my driver.py' \
+             cargo nextest run -p p --test conformance -E 'test(=remote::exit::code_0)'"
+        );
+    }
 
     #[test]
     fn a_selection_must_name_registered_backends() {
