@@ -14,9 +14,6 @@ use serde_json::{json, Value};
 /// OCI runtime spec version the bundle declares (all three runtimes here speak 1.0.2).
 pub const OCI_VERSION: &str = "1.0.2";
 
-/// Longest hostname the kernel accepts (`HOST_NAME_MAX`); longer cell ids are cut to it.
-pub const HOST_NAME_MAX: usize = 64;
-
 /// What a bundle needs besides the cell document.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BundleOptions {
@@ -48,11 +45,6 @@ pub const READONLY_PATHS: &[&str] = &[
     "/proc/sys",
     "/proc/sysrq-trigger",
 ];
-
-/// The hostname a cell gets: its id, cut to [`HOST_NAME_MAX`] bytes (ids are ASCII).
-pub fn hostname_for(id: &str) -> &str {
-    &id[..id.len().min(HOST_NAME_MAX)]
-}
 
 /// `NAME=value` strings in declared order: exactly the declared set, nothing added.
 pub fn env_strings(env: &[EnvVar]) -> Vec<String> {
@@ -119,7 +111,7 @@ pub fn config(cell: &AdmittedCell, opts: &BundleOptions) -> Value {
         "ociVersion": OCI_VERSION,
         "process": process(cell.argv(), cell.env(), cell.working_directory()),
         "root": { "path": opts.rootfs, "readonly": true },
-        "hostname": hostname_for(cell.id()),
+        "hostname": cell.hostname(),
         "mounts": mounts(),
         "linux": {
             "namespaces": [
@@ -220,7 +212,10 @@ mod tests {
         let cell = d.admit().unwrap();
         let c = config(&cell, &opts());
         assert_eq!(c["process"]["cwd"], json!("/tmp"));
-        assert_eq!(c["hostname"].as_str().unwrap().len(), HOST_NAME_MAX);
+        assert_eq!(
+            c["hostname"].as_str().unwrap().len(),
+            cellcheck_contract::spec::MAX_HOSTNAME_LEN
+        );
     }
 
     #[test]

@@ -72,7 +72,7 @@ pub(crate) async fn start_workload(vm: &Vm, doc: &AdmittedCell) -> Result<(), Ce
         argv: doc.argv().to_vec(),
         env: env_pairs(doc.env()),
         cwd: doc.working_directory().to_string(),
-        hostname: Some(doc.id().to_string()),
+        hostname: Some(doc.hostname().to_string()),
         memory_max_bytes: limits.memory_max_bytes,
         pids_max: limits.pids_max,
     };

@@ -95,7 +95,9 @@ impl Inner {
         let started = if restored {
             // A restored guest still has the source's hostname.
             vm.agent_request(
-                Op::Hostname { name: id.clone() },
+                Op::Hostname {
+                    name: doc.hostname().to_string(),
+                },
                 Instant::now() + REQUEST_BOUND,
             )
             .await
