@@ -150,8 +150,13 @@ impl Inner {
             live.rid.clone().into(),
         ]);
         let [stdin, stdout, stderr] = &stdio;
-        let shim = Shim::spawn(&rt.argv(&args), [stdin, stdout, stderr], &files.pid)
-            .map_err(|e| failure("spawn runtime exec", e))?;
+        let shim = Shim::spawn(
+            &rt.argv(&args),
+            [stdin, stdout, stderr],
+            &files.pid,
+            rt.unmount.as_deref(),
+        )
+        .map_err(|e| failure("spawn runtime exec", e))?;
         drop(stdio);
         let st = shim
             .runtime_status()

@@ -152,8 +152,13 @@ impl Inner {
             ]),
         }
         args.extend(["--pid-file".into(), pid_file.clone().into(), rid.into()]);
-        let shim = Shim::spawn(&rt.argv(&args), [&stdin, &stdout, &stderr], &pid_file)
-            .map_err(io("spawn runtime"))?;
+        let shim = Shim::spawn(
+            &rt.argv(&args),
+            [&stdin, &stdout, &stderr],
+            &pid_file,
+            rt.unmount.as_deref(),
+        )
+        .map_err(io("spawn runtime"))?;
         drop((stdin, stdout, stderr));
         let op = if restore_from.is_some() {
             "restore"

@@ -173,6 +173,7 @@ impl OciBackend {
             bin,
             state: root.join("state"),
             platform: host.platform,
+            unmount: host.unmount,
         });
         OciBackend {
             inner: Arc::new(Inner {

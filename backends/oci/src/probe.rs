@@ -18,6 +18,8 @@ pub(crate) struct HostFacts {
     pub version: String,
     pub platform: Option<String>,
     pub hierarchies: Vec<PathBuf>,
+    /// See [`crate::runtime::Runtime::unmount`].
+    pub unmount: Option<PathBuf>,
     pub caps: Capabilities,
 }
 
@@ -36,6 +38,7 @@ impl HostFacts {
             version,
             platform,
             hierarchies: cgroup_hierarchies(),
+            unmount: hybrid_cgroup2().filter(|_| kind.refuses_hybrid_cgroups()),
             caps: kind.capabilities(),
         }
     }
@@ -89,6 +92,18 @@ fn cgroup_hierarchies() -> Vec<PathBuf> {
         .unwrap_or_default();
     v.sort();
     v
+}
+
+/// The cgroup2 mount of a hybrid host: v1 hierarchies under `/sys/fs/cgroup` and a cgroup2 mount
+/// beside them that has controllers of its own (an empty one is no hybrid to crun).
+fn hybrid_cgroup2() -> Option<PathBuf> {
+    let base = Path::new("/sys/fs/cgroup");
+    if base.join("cgroup.controllers").exists() {
+        return None;
+    }
+    let unified = base.join("unified");
+    let controllers = fs::read_to_string(unified.join("cgroup.controllers")).ok()?;
+    (!controllers.trim().is_empty()).then_some(unified)
 }
 
 impl Inner {

@@ -43,6 +43,16 @@ impl RuntimeKind {
         }
     }
 
+    /// Whether the runtime refuses a hybrid cgroup host outright (crun: "cgroups in hybrid mode
+    /// not supported", with its cgroup manager disabled too); it then runs without the cgroup2
+    /// mount, see [`Runtime::unmount`].
+    pub fn refuses_hybrid_cgroups(self) -> bool {
+        match self {
+            RuntimeKind::Crun => true,
+            RuntimeKind::Runc | RuntimeKind::Runsc => false,
+        }
+    }
+
     /// What the backend offers through this runtime (probes CRIU where checkpointing needs it).
     pub fn capabilities(self) -> Capabilities {
         let base = Capabilities::default()
@@ -240,6 +250,11 @@ pub struct Runtime {
     pub state: PathBuf,
     /// runsc only: `--platform`.
     pub platform: Option<String>,
+    /// A mount every command of this runtime runs without, in a private mount namespace: crun
+    /// refuses a hybrid cgroup host (a cgroup2 mount with controllers beside the v1 ones) even
+    /// with its cgroup manager disabled; without the cgroup2 mount it sees a v1 host and manages
+    /// the cell's v1 cgroups like runc does. `None` elsewhere.
+    pub unmount: Option<PathBuf>,
 }
 
 /// What a short runtime command returned.
@@ -286,11 +301,31 @@ impl Runtime {
         self.run_os(&args).await
     }
 
-    pub async fn run_os(&self, args: &[OsString]) -> RunOutput {
+    /// A command for `args`, in the runtime's private mount namespace where it needs one.
+    pub fn command(&self, args: &[OsString]) -> std::process::Command {
         let argv = self.argv(args);
-        let mut cmd = tokio::process::Command::new(&argv[0]);
-        cmd.args(&argv[1..])
-            .stdin(Stdio::null())
+        let mut cmd = std::process::Command::new(&argv[0]);
+        cmd.args(&argv[1..]);
+        if let Some(path) = &self.unmount {
+            use std::os::unix::ffi::OsStrExt;
+            use std::os::unix::process::CommandExt;
+            let path = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap_or_default();
+            // SAFETY: the closure only makes syscalls on memory prepared before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if crate::shim::private_unmount(path.as_ptr()) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd
+    }
+
+    pub async fn run_os(&self, args: &[OsString]) -> RunOutput {
+        let mut cmd = tokio::process::Command::from(self.command(args));
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
@@ -464,6 +499,7 @@ mod tests {
             bin: "/usr/bin/runsc".into(),
             state: "/run/x/state".into(),
             platform: Some("ptrace".into()),
+            unmount: None,
         };
         let argv = rt.argv(&["start".into(), "id".into()]);
         let s: Vec<&str> = argv.iter().map(|a| a.to_str().unwrap()).collect();

@@ -51,7 +51,14 @@ pub struct Shim {
 impl Shim {
     /// Run `argv` (argv[0] is an absolute path) with `stdio` as fds 0..=2, in its own session,
     /// under a fresh subreaper. `pid_file` is where the runtime writes the pid to report on.
-    pub fn spawn(argv: &[OsString], stdio: [&File; 3], pid_file: &Path) -> io::Result<Shim> {
+    /// `unmount`: run the command in a private mount namespace without that mount (see
+    /// [`crate::runtime::Runtime::unmount`]).
+    pub fn spawn(
+        argv: &[OsString],
+        stdio: [&File; 3],
+        pid_file: &Path,
+        unmount: Option<&Path>,
+    ) -> io::Result<Shim> {
         let c_argv: Vec<CString> = argv
             .iter()
             .map(|a| CString::new(a.as_bytes()).map_err(io::Error::other))
@@ -65,6 +72,10 @@ impl Shim {
             })
             .collect();
         let c_pid_file = CString::new(pid_file.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        let c_unmount = unmount
+            .map(|p| CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other))
+            .transpose()?;
+        let unmount_p = c_unmount.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
         let mut argv_p: Vec<*const libc::c_char> = c_argv.iter().map(|c| c.as_ptr()).collect();
         argv_p.push(std::ptr::null());
         let mut env_p: Vec<*const libc::c_char> = c_env.iter().map(|c| c.as_ptr()).collect();
@@ -102,6 +113,7 @@ impl Shim {
                     env_p.as_ptr(),
                     fds,
                     c_pid_file.as_ptr(),
+                    unmount_p,
                     wr.as_raw_fd(),
                 )
             }
@@ -222,11 +234,33 @@ unsafe fn read_pid(path: *const libc::c_char) -> i32 {
     pid
 }
 
+/// Enter a private mount namespace and detach `path` there (only syscalls: safe after `fork`
+/// and in `pre_exec`). Returns 0, or -1 with `errno` set.
+pub(crate) unsafe fn private_unmount(path: *const libc::c_char) -> i32 {
+    if libc::unshare(libc::CLONE_NEWNS) != 0 {
+        return -1;
+    }
+    // Nothing done in this namespace may propagate back to the host's.
+    let root = c"/".as_ptr();
+    if libc::mount(
+        std::ptr::null(),
+        root,
+        std::ptr::null(),
+        libc::MS_REC | libc::MS_PRIVATE,
+        std::ptr::null(),
+    ) != 0
+    {
+        return -1;
+    }
+    libc::umount2(path, libc::MNT_DETACH)
+}
+
 unsafe fn shim_main(
     argv: *const *const libc::c_char,
     envp: *const *const libc::c_char,
     stdio: [RawFd; 3],
     pid_file: *const libc::c_char,
+    unmount: *const libc::c_char,
     out: RawFd,
 ) -> ! {
     libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0);
@@ -244,6 +278,10 @@ unsafe fn shim_main(
         libc::pthread_sigmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         // The Rust runtime ignores SIGPIPE; an ignored signal would survive exec.
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        if !unmount.is_null() && private_unmount(unmount) != 0 {
+            report(out, TAG_EXEC_FAILED, 0, errno());
+            libc::_exit(127);
+        }
         libc::execve(*argv, argv, envp);
         report(out, TAG_EXEC_FAILED, 0, errno());
         libc::_exit(127);

@@ -131,9 +131,8 @@ impl Drop for Inner {
         let cells: Vec<Arc<Live>> = self.cells.drain();
         if let Ok(rt) = &self.runtime {
             let run = |args: &[&str]| {
-                let argv = rt.argv(&args.iter().map(OsString::from).collect::<Vec<_>>());
-                let _ = std::process::Command::new(&argv[0])
-                    .args(&argv[1..])
+                let _ = rt
+                    .command(&args.iter().map(OsString::from).collect::<Vec<_>>())
                     .stdin(std::process::Stdio::null())
                     .stdout(std::process::Stdio::null())
                     .stderr(std::process::Stdio::null())

@@ -1,10 +1,73 @@
-//! crun: the same trivial-bundle preflight; where crun refuses the host (hybrid cgroups) the
-//! backend must say so with crun's own words and create nothing.
+//! crun, driven for real. On a hybrid cgroup host crun runs without the cgroup2 mount (in a
+//! private mount namespace), so these run here too; where crun cannot run at all the backend must
+//! say so with crun's own words and create nothing.
 
 mod common;
 
-use cellcheck_contract::{Availability, Backend, CellError};
-use cellcheck_oci::{OciBackend, OciConfig};
+use cellcheck_contract::{Availability, Backend, CellError, Limits, Termination};
+use cellcheck_oci::{OciBackend, OciConfig, RuntimeKind};
+use common::*;
+
+const KIND: RuntimeKind = RuntimeKind::Crun;
+
+// missing program, duplicate/concurrent destroy, deadline, pause/resume: as for every runtime.
+common::shared_tests!(KIND);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_code_and_signal_are_distinct() {
+    let Some(b) = backend(KIND).await else { return };
+    let a = id("exit");
+    let h = b.create(&doc(&a, &[PROBE, "exit", "137"])).await.unwrap();
+    assert!(h.host_pid.is_some());
+    exit_137_is_reported_twice(&b, &a).await;
+    let s = id("sig");
+    let h = b.create(&doc(&s, &[PROBE, "hold"])).await.unwrap();
+    let pid = h.host_pid.expect("crun reports the host pid") as i32;
+    // SAFETY: kill(2) of the container init we just started (the shim holds it unreaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    signal_9_is_reported_then_both_go(&b, &a, &s).await;
+}
+
+/// crun manages the cell's cgroups itself (v1 here, through the private mount namespace): a
+/// memory limit holds and its OOM kill is reported as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_limit_is_enforced_and_reported_as_oom() {
+    let Some(b) = backend(KIND).await else { return };
+    let a = id("oom");
+    let d = doc(&a, &[PROBE, "alloc", "512"]).with_limits(Limits {
+        memory_max_bytes: Some(32 << 20),
+        ..Limits::default()
+    });
+    b.create(&d).await.unwrap();
+    let r = b.wait(&a).await.unwrap();
+    assert_eq!(
+        r.termination,
+        Termination::OutOfMemory,
+        "{}",
+        r.stderr_str()
+    );
+    b.destroy(&a).await.unwrap();
+    assert_no_residue(&b, &a);
+}
+
+/// The private mount namespace crun runs in never leaks into the host's mount table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_mount_table_is_left_alone() {
+    let before = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let Some(b) = backend(KIND).await else { return };
+    let a = id("mounts");
+    b.create(&doc(&a, &[PROBE, "exit", "0"])).await.unwrap();
+    b.wait(&a).await.unwrap();
+    b.destroy(&a).await.unwrap();
+    let after = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let cgroup_mounts = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| l.contains("cgroup"))
+            .map(String::from)
+            .collect()
+    };
+    assert_eq!(cgroup_mounts(&before), cgroup_mounts(&after));
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_is_functional_and_leaves_nothing() {
