@@ -14,6 +14,8 @@ mod probe;
 mod report;
 #[cfg(target_os = "linux")]
 mod soak;
+#[cfg(target_os = "linux")]
+mod stress;
 mod util;
 mod verdict;
 #[cfg(test)]
@@ -62,6 +64,10 @@ enum Cmd {
     /// RSS and leftovers every 1,000 cycles; writes target/conformance/soak-<backend>.json.
     #[cfg(target_os = "linux")]
     Soak(soak::Options),
+    /// The selected backends' trials N times while every core, a disk and fork are kept busy;
+    /// reports every trial that ever failed, with all its messages (target/conformance/stress.json).
+    #[cfg(target_os = "linux")]
+    Stress(stress::Options),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +87,8 @@ fn main() -> ExitCode {
         Cmd::Bench { backends } => bench::run(&backends),
         #[cfg(target_os = "linux")]
         Cmd::Soak(opts) => soak::run(&opts),
+        #[cfg(target_os = "linux")]
+        Cmd::Stress(opts) => stress::run(&opts),
     };
     match outcome {
         Ok(true) => ExitCode::SUCCESS,
