@@ -356,7 +356,8 @@ fn report(
     dir: &Path,
 ) -> Result<bool> {
     let host_json = serde_json::to_value(&plan.host)?;
-    let report = Report::new(host_json, plan.shown.clone(), results, problems);
+    let mut report = Report::new(host_json, plan.shown.clone(), results, problems);
+    report.partition = plan.partition.map(|(k, n)| format!("{k}/{n}"));
     let files = report.write_all(dir)?;
 
     println!();

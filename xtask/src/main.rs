@@ -6,6 +6,7 @@
 mod bench;
 mod classes;
 mod conformance;
+mod gate;
 mod matrix;
 #[cfg(all(test, target_os = "linux"))]
 mod new_backend;
@@ -60,6 +61,9 @@ enum Cmd {
         #[arg(long = "backend", value_name = "NAME")]
         backends: Vec<String>,
     },
+    /// Merge report.json files of shards and runner classes (found under each DIR) into one
+    /// matrix (gate.json, gate.md, gate.html) and one exit code.
+    Gate(gate::Options),
     /// Create → wait → destroy cycles per backend, sequential then K-way concurrent; prints fds,
     /// RSS and leftovers every 1,000 cycles; writes target/conformance/soak-<backend>.json.
     #[cfg(target_os = "linux")]
@@ -85,6 +89,7 @@ fn main() -> ExitCode {
         Cmd::Matrix { github } => matrix::run(github).map(|()| true),
         Cmd::Conformance(opts) => conformance::run(&opts),
         Cmd::Bench { backends } => bench::run(&backends),
+        Cmd::Gate(opts) => gate::run(&opts),
         #[cfg(target_os = "linux")]
         Cmd::Soak(opts) => soak::run(&opts),
         #[cfg(target_os = "linux")]
@@ -108,7 +113,15 @@ mod tests {
     fn the_cli_is_well_formed_and_its_help_names_every_command() {
         Cli::command().debug_assert();
         let help = Cli::command().render_help().to_string();
-        for c in ["probe", "matrix", "conformance", "bench"] {
+        for c in [
+            "probe",
+            "matrix",
+            "conformance",
+            "bench",
+            "gate",
+            "soak",
+            "stress",
+        ] {
             assert!(help.contains(c), "{c} missing from:\n{help}");
         }
     }

@@ -7,7 +7,7 @@ use crate::classes::{self, ClassMatrix};
 use crate::probe::{self, HostReport};
 
 /// One backend of the class, decided against this host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Selected {
     pub name: String,
     pub usable: bool,

@@ -4,11 +4,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use cellcheck_conformance::expectations::{glob_match, Date, Expectations, ExpectedOutcome};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use cellcheck_conformance::results::{Outcome, TrialResult};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum ProblemKind {
     Fail,
@@ -36,7 +36,7 @@ impl fmt::Display for ProblemKind {
 }
 
 /// One reason the run fails.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Problem {
     pub kind: ProblemKind,
     /// The trial, for trial problems.

@@ -107,3 +107,63 @@ fn workflow_jobs_match_the_runner_classes() {
         "the no-KVM job must hide KVM"
     );
 }
+
+#[test]
+fn actions_are_pinned_and_checkouts_keep_no_credentials() {
+    let path = project_root().join(".github/workflows/conformance.yml");
+    let text = std::fs::read_to_string(path).unwrap();
+    for line in text
+        .lines()
+        .filter(|l| l.trim_start().starts_with("- uses:"))
+    {
+        let (_, rest) = line.split_once("uses:").unwrap();
+        let (action, comment) = rest.split_once('#').unwrap_or((rest, ""));
+        let sha = action.trim().rsplit_once('@').map(|(_, s)| s).unwrap_or("");
+        assert!(
+            sha.len() == 40 && sha.bytes().all(|b| b.is_ascii_hexdigit()),
+            "not pinned by a full commit: {line}"
+        );
+        assert!(comment.trim().starts_with('v'), "no tag comment: {line}");
+    }
+    let wf = workflow();
+    assert_eq!(str_of(&wf["permissions"], "contents"), "read");
+    for (name, job) in wf["jobs"].as_mapping().unwrap() {
+        for s in steps(job) {
+            if str_of(s, "uses").starts_with("actions/checkout@") {
+                assert_eq!(
+                    s["with"]["persist-credentials"].as_bool(),
+                    Some(false),
+                    "{name:?}: checkout must not persist credentials"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn the_gate_job_merges_every_class_after_all_of_them() {
+    let wf = workflow();
+    let gate = &wf["jobs"]["gate"];
+    let needs: Vec<&str> = gate["needs"]
+        .as_sequence()
+        .expect("gate needs the class jobs")
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let mut classes = CLASSES.to_vec();
+    classes.sort();
+    let mut needs_sorted = needs.clone();
+    needs_sorted.sort();
+    assert_eq!(needs_sorted, classes);
+    assert_eq!(
+        str_of(gate, "if"),
+        "always()",
+        "the gate also runs after a red shard"
+    );
+    assert!(steps(gate)
+        .iter()
+        .any(|s| str_of(s, "uses").starts_with("actions/download-artifact@")));
+    assert!(runs(gate)
+        .iter()
+        .any(|r| r.contains("cargo xtask gate artifacts/")));
+}

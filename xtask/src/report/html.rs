@@ -28,7 +28,6 @@ code { font: 12px ui-monospace, monospace; }
 ";
 
 pub fn render(r: &Report) -> String {
-    let backends = r.backend_names();
     let class = r.host["class"].as_str().unwrap_or("unknown class");
     let mut s = String::new();
     s.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
@@ -37,6 +36,34 @@ pub fn render(r: &Report) -> String {
         x(class)
     ));
     s.push_str(&format!("<style>{STYLE}</style></head><body>\n"));
+    s.push_str(&body(r));
+    s.push_str("</body></html>\n");
+    s
+}
+
+/// One page holding several runs (`cargo xtask gate`: one section per runner class).
+pub fn render_many(title: &str, verdict: &str, reports: &[&Report]) -> String {
+    let mut s = String::new();
+    s.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
+    s.push_str(&format!("<title>{}</title>\n", x(title)));
+    s.push_str(&format!("<style>{STYLE}</style></head><body>\n"));
+    s.push_str(&format!(
+        "<h1>{}</h1>\n<div class=\"meta\">{}</div>\n",
+        x(title),
+        x(verdict)
+    ));
+    for r in reports {
+        s.push_str(&body(r));
+    }
+    s.push_str("</body></html>\n");
+    s
+}
+
+/// Everything of one run's page between `<body>` and `</body>`.
+fn body(r: &Report) -> String {
+    let backends = r.backend_names();
+    let class = r.host["class"].as_str().unwrap_or("unknown class");
+    let mut s = String::new();
     s.push_str(&format!("<h1>cellcheck conformance: {}</h1>\n", x(class)));
     let (vclass, vtext) = if r.passed() {
         ("verdict-pass", "run passed".to_string())
@@ -115,7 +142,6 @@ pub fn render(r: &Report) -> String {
             )
         }),
     );
-    s.push_str("</body></html>\n");
     s
 }
 

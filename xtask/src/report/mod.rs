@@ -3,13 +3,15 @@
 mod html;
 mod junit;
 mod markdown;
+#[cfg(test)]
+mod snapshots;
 mod tap;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::matrix::Selected;
 use crate::verdict::Problem;
@@ -18,9 +20,12 @@ use cellcheck_conformance::results::{Outcome, Summary, TrialResult};
 pub const SCHEMA: &str = "cellcheck-report/1";
 
 /// One run, as every report sees it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
-    pub schema: &'static str,
+    pub schema: String,
+    /// `K/N` when this run was shard K of N of its class (`cargo xtask gate` merges shards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition: Option<String>,
     /// host.json as the probe wrote it.
     pub host: serde_json::Value,
     /// The class's backends and whether this host could run them.
@@ -39,7 +44,8 @@ impl Report {
         problems: Vec<Problem>,
     ) -> Report {
         Report {
-            schema: SCHEMA,
+            schema: SCHEMA.to_string(),
+            partition: None,
             host,
             summary: Summary::of(&results),
             backends,
@@ -177,6 +183,11 @@ impl Report {
         ));
         s
     }
+}
+
+/// One HTML page holding several runs, each as its own section.
+pub fn html_many(title: &str, verdict: &str, reports: &[&Report]) -> String {
+    html::render_many(title, verdict, reports)
 }
 
 /// Text safe inside XML/HTML text and attribute values. Control characters XML 1.0 forbids
