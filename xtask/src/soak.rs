@@ -242,7 +242,12 @@ async fn run_window(shared: &Arc<Shared>, n: u64, k: u64) {
             {
                 let i = shared.next.fetch_add(1, Ordering::SeqCst);
                 if let Err(e) = cycle(&shared, i).await {
-                    *lock(&shared.errors).entry(e).or_default() += 1;
+                    let mut errors = lock(&shared.errors);
+                    if !errors.contains_key(&e) {
+                        // Each distinct error is shown when first seen, not only at the end.
+                        println!("    error (first of its kind, cycle {i}): {e}");
+                    }
+                    *errors.entry(e).or_default() += 1;
                 }
             }
         });
