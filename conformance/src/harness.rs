@@ -15,14 +15,18 @@ use cellcheck_contract::{
     ExitReport, TeardownReport, PROBE_PATH,
 };
 
+use crate::audit::{self, Needles};
 use crate::ids::{self, MARKER_VAR};
+use crate::ledger;
 use crate::residue::{self, Scope};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The bound of a scenario unless it asks for another.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a killed process may take to leave `/proc` after destroy returned.
+/// How long what the kernel (or the backend's reaper) frees asynchronously after every process of
+/// a cell is dead may take: a dead child's exit status collected after SIGCHLD, a veth or loop
+/// device released once its last user is gone. Never applied to a process that can still run.
 pub const RESIDUE_GRACE: Duration = Duration::from_millis(1500);
 
 /// One scenario of a family.
@@ -114,6 +118,27 @@ struct CellRec {
     live: bool,
     check_resources: bool,
     host_pids: Vec<u32>,
+    /// `(pid, start time)` of `host_pids`, so a reused pid is never taken for the cell's.
+    host_pid_starts: Vec<(u32, u64)>,
+    /// Values of the document's `CELLCHECK_SECRET*` env vars: searched for after destroy.
+    secrets: Vec<String>,
+    /// The cell's ledger entry, while it is on disk.
+    ledger: Option<PathBuf>,
+}
+
+impl CellRec {
+    fn new(id: &str, marker: String, live: bool, check_resources: bool) -> Self {
+        CellRec {
+            id: id.to_string(),
+            marker,
+            live,
+            check_resources,
+            host_pids: Vec::new(),
+            host_pid_starts: Vec::new(),
+            secrets: Vec::new(),
+            ledger: None,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -124,6 +149,9 @@ struct State {
     cells: Vec<CellRec>,
     /// Outputs of waits and execs, for the failure report.
     outputs: Vec<(String, ExitReport)>,
+    /// Broken promises seen outside a scenario's own checks (a destroy that returned Ok while a
+    /// process of the cell could still run).
+    violations: Vec<String>,
 }
 
 struct Inner {
@@ -220,13 +248,7 @@ impl Ctx {
             st.n,
             ids::random_token(6)
         );
-        st.cells.push(CellRec {
-            id: id.clone(),
-            marker,
-            live: false,
-            check_resources: true,
-            host_pids: Vec::new(),
-        });
+        st.cells.push(CellRec::new(&id, marker, false, true));
         id
     }
 
@@ -241,13 +263,8 @@ impl Ctx {
             st.n,
             ids::random_token(6)
         );
-        st.cells.push(CellRec {
-            id: id.to_string(),
-            marker: marker.clone(),
-            live: false,
-            check_resources,
-            host_pids: Vec::new(),
-        });
+        st.cells
+            .push(CellRec::new(id, marker.clone(), false, check_resources));
         marker
     }
 
@@ -307,35 +324,79 @@ impl Ctx {
         let mut st = self.st();
         if !st.cells.iter().any(|c| c.id == id) {
             let marker = ids::declared_marker(doc).unwrap_or_default();
-            st.cells.push(CellRec {
-                id: id.to_string(),
-                marker,
-                live: false,
-                check_resources: !id.is_empty(),
-                host_pids: Vec::new(),
-            });
+            st.cells
+                .push(CellRec::new(id, marker, false, !id.is_empty()));
+        }
+        let secrets = ids::declared_secrets(doc);
+        if let Some(c) = st.cells.iter_mut().rev().find(|c| c.id == id) {
+            for s in secrets {
+                if !c.secrets.contains(&s) {
+                    c.secrets.push(s);
+                }
+            }
         }
     }
 
     fn mark_live(&self, h: &CellHandle) {
+        let start = h
+            .host_pid
+            .and_then(|p| audit::start_time(p).map(|s| (p, s)));
         let mut st = self.st();
         if let Some(c) = st.cells.iter_mut().rev().find(|c| c.id == h.id) {
             c.live = true;
             c.host_pids.extend(h.host_pid);
+            c.host_pid_starts.extend(start);
         } else {
-            st.cells.push(CellRec {
-                id: h.id.clone(),
-                marker: String::new(),
-                live: true,
-                check_resources: true,
-                host_pids: h.host_pid.into_iter().collect(),
-            });
+            let mut c = CellRec::new(&h.id, String::new(), true, true);
+            c.host_pids.extend(h.host_pid);
+            c.host_pid_starts.extend(start);
+            st.cells.push(c);
+        }
+    }
+
+    /// Write the ledger entry of `id` (before its create, so a harness killed during the create
+    /// still leaves a record). Only for ids admission can accept: the entry drives removals.
+    fn ledger_write(&self, id: &str) {
+        if cellcheck_contract::spec::validate_id(id).is_err() {
+            return;
+        }
+        let (marker, host_pid, existing) = {
+            let st = self.st();
+            match st.cells.iter().rev().find(|c| c.id == id) {
+                Some(c) => (
+                    c.marker.clone(),
+                    c.host_pid_starts.last().copied(),
+                    c.ledger.clone(),
+                ),
+                None => return,
+            }
+        };
+        let mut e = ledger::Entry::new(
+            id,
+            self.inner.backend.name(),
+            &marker,
+            self.inner.backend.footprint(id),
+        );
+        e.host_pid = host_pid;
+        let file = match &existing {
+            Some(p) => p.file_name().map(|f| f.to_string_lossy().into_owned()),
+            None => Some(e.file_name(&ids::random_token(12))),
+        };
+        let Some(file) = file else { return };
+        match ledger::write(&ledger::dir(), &file, &e) {
+            Ok(p) => {
+                if let Some(c) = self.st().cells.iter_mut().rev().find(|c| c.id == id) {
+                    c.ledger = Some(p);
+                }
+            }
+            Err(err) => eprintln!("cellcheck: cannot write the ledger entry of {id}: {err}"),
         }
     }
 
     /// Register a cell id as live (a restore the scenario performed itself).
     pub fn note_live(&self, h: &CellHandle) {
         self.mark_live(h);
+        self.ledger_write(&h.id);
     }
 
     fn mark_gone(&self, id: &str) {
@@ -345,14 +406,86 @@ impl Ctx {
         }
     }
 
-    /// `backend.create`, recorded.
+    /// The needles of every record of `id`.
+    fn needles_of_id(&self, id: &str) -> Vec<Needles> {
+        let recs: Vec<CellRec> = self
+            .st()
+            .cells
+            .iter()
+            .filter(|c| c.id == id)
+            .cloned()
+            .collect();
+        recs.iter().map(|c| self.needles(c)).collect()
+    }
+
+    fn needles(&self, c: &CellRec) -> Needles {
+        let process_markers = if c.check_resources && !c.id.is_empty() {
+            self.inner.backend.footprint(&c.id).process_markers
+        } else {
+            Vec::new()
+        };
+        Needles {
+            cell: if c.check_resources {
+                c.id.clone()
+            } else {
+                String::new()
+            },
+            marker: c.marker.clone(),
+            secrets: c.secrets.clone(),
+            process_markers,
+            host_pids: c.host_pid_starts.clone(),
+        }
+    }
+
+    /// Destroy returned Ok for `id`: no process of the cell may still be able to run, at once,
+    /// with no grace period. Processes that another live cell of this trial claims by its own
+    /// id or pid (a restored copy still carries the source cell's marker) are not this cell's.
+    fn check_gone(&self, id: &str) {
+        let others: Vec<Needles> = {
+            let recs: Vec<CellRec> = self
+                .st()
+                .cells
+                .iter()
+                .filter(|c| c.live && c.id != id)
+                .cloned()
+                .collect();
+            recs.iter()
+                .map(|c| Needles {
+                    marker: String::new(),
+                    secrets: Vec::new(),
+                    ..self.needles(c)
+                })
+                .collect()
+        };
+        let mut seen = Vec::new();
+        for n in self.needles_of_id(id) {
+            for (p, why) in audit::runnable_of(&n) {
+                if others.iter().any(|o| o.process_reason(&p).is_some()) {
+                    continue;
+                }
+                seen.push(format!(
+                    "destroy of {id} returned Ok while process {} could still run ({why})",
+                    p.describe()
+                ));
+            }
+        }
+        if !seen.is_empty() {
+            self.st().violations.extend(seen);
+        }
+    }
+
+    /// `backend.create`, recorded (in the ledger too, before the backend is called).
     pub async fn try_create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
         let id = doc.spec.id.clone();
         self.ensure_registered(&id, doc);
         self.set_cell(&id);
+        self.ledger_write(&id);
         let r = self.inner.backend.create(doc).await;
         if let Ok(h) = &r {
             self.mark_live(h);
+            if h.host_pid.is_some() {
+                self.ledger_write(&id);
+            }
         }
         r
     }
@@ -442,6 +575,7 @@ impl Ctx {
         let r = self.inner.backend.destroy(id).await;
         if r.is_ok() {
             self.mark_gone(id);
+            self.check_gone(id);
         }
         r
     }
@@ -521,19 +655,109 @@ impl Ctx {
             .filter(|c| c.id == id)
             .cloned()
             .collect();
-        for c in recs {
-            let leaks =
-                residue::scan_settled(&self.scope_of(&c), &BTreeMap::new(), RESIDUE_GRACE).await;
-            // Fds are checked per trial against the fds open before it; here only the rest.
-            let leaks: Vec<_> = leaks
-                .into_iter()
-                .filter(|l| !matches!(l, residue::Leak::Fd { .. }))
-                .collect();
-            if !leaks.is_empty() {
-                return Err(self.fail(residue::describe(id, &leaks)));
-            }
+        // Fds are checked per trial against the fds open before it; here only the rest.
+        let (reports, _) = self.leftovers(&recs, None).await;
+        match reports.into_iter().next() {
+            Some((_, text)) => Err(self.fail(text)),
+            None => Ok(()),
         }
-        Ok(())
+    }
+
+    /// What of `recs` is still on the host: the footprint's resources (the backend's word) and
+    /// everything the host audit finds mentioning the cells (no word needed), as one report per
+    /// leaking cell, plus the snapshot the audit took. Processes another live cell of the trial
+    /// claims by its own id or pid are that cell's, not these ones'.
+    ///
+    /// Only what is freed asynchronously after every process of the cell is dead (a zombie
+    /// awaiting its reaper, a veth or loop device being released) is looked at again, for at
+    /// most [`RESIDUE_GRACE`]; anything else fails at once.
+    async fn leftovers(
+        &self,
+        recs: &[CellRec],
+        fds_before: Option<&BTreeMap<i32, PathBuf>>,
+    ) -> (Vec<(String, String)>, Option<audit::Snapshot>) {
+        let others: Vec<Needles> = {
+            let ids: Vec<&str> = recs.iter().map(|c| c.id.as_str()).collect();
+            let live: Vec<CellRec> = self
+                .st()
+                .cells
+                .iter()
+                .filter(|c| c.live && !ids.contains(&c.id.as_str()))
+                .cloned()
+                .collect();
+            live.iter()
+                .map(|c| Needles {
+                    marker: String::new(),
+                    secrets: Vec::new(),
+                    ..self.needles(c)
+                })
+                .collect()
+        };
+        let needles: Vec<Needles> = recs.iter().map(|c| self.needles(c)).collect();
+        let roots = audit::window().roots();
+        let start = Instant::now();
+        loop {
+            let after = audit::Snapshot::take(&roots);
+            let baseline = audit::window().baseline();
+            let before = baseline.as_deref().unwrap_or(&after);
+            let mut per_cell: BTreeMap<String, Vec<String>> = BTreeMap::new();
+            let mut settling = true;
+            for c in recs {
+                let leaks =
+                    residue::scan(&self.scope_of(c), fds_before.unwrap_or(&BTreeMap::new()));
+                for l in leaks {
+                    if fds_before.is_none() && matches!(l, residue::Leak::Fd { .. }) {
+                        continue;
+                    }
+                    settling &= matches!(l, residue::Leak::Zombie { .. });
+                    per_cell
+                        .entry(c.id.clone())
+                        .or_default()
+                        .push(l.to_string());
+                }
+            }
+            for (cell, l) in audit::scoped(&needles, before, &after) {
+                if let audit::Leftover::Process { .. } = &l {
+                    let pid = leftover_pid(&l);
+                    if others.iter().any(|o| {
+                        after
+                            .procs
+                            .values()
+                            .any(|p| Some(p.pid) == pid && o.process_reason(p).is_some())
+                    }) {
+                        continue;
+                    }
+                }
+                settling &= matches!(
+                    l,
+                    audit::Leftover::Zombie { .. }
+                        | audit::Leftover::Link(_)
+                        | audit::Leftover::Loop(_)
+                );
+                let text = format!("{l} [host audit]");
+                let v = per_cell.entry(cell).or_default();
+                // The footprint check may already name the same pid or path.
+                if !v.iter().any(|x| same_thing(x, &l)) {
+                    v.push(text);
+                }
+            }
+            if per_cell.is_empty() || !settling || start.elapsed() >= RESIDUE_GRACE {
+                let reports = per_cell
+                    .into_iter()
+                    .map(|(cell, v)| {
+                        let mut s =
+                            format!("residue of cell {cell}: {} leaked resource(s)", v.len());
+                        for l in v {
+                            s.push_str("\n  - ");
+                            s.push_str(&l);
+                        }
+                        (cell, s)
+                    })
+                    .collect();
+                return (reports, Some(after));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     fn outputs_report(&self) -> String {
@@ -548,6 +772,29 @@ impl Ctx {
             ));
         }
         s
+    }
+}
+
+fn leftover_pid(l: &audit::Leftover) -> Option<u32> {
+    match l {
+        audit::Leftover::Process { proc_, .. } => {
+            proc_.strip_prefix("pid ")?.split(' ').next()?.parse().ok()
+        }
+        audit::Leftover::Zombie { pid } => Some(*pid),
+        _ => None,
+    }
+}
+
+/// Whether the footprint check's line `x` already names what the audit found.
+fn same_thing(x: &str, l: &audit::Leftover) -> bool {
+    match l {
+        audit::Leftover::Process { .. } | audit::Leftover::Zombie { .. } => leftover_pid(l)
+            .is_some_and(|p| x.contains(&format!("pid {p} ")) || x.ends_with(&format!("pid {p}"))),
+        audit::Leftover::CgroupDir(p) | audit::Leftover::File(p) => {
+            x.contains(&format!(" {} still exists", p.display()))
+        }
+        audit::Leftover::Netns(n) => x.contains(&format!("netns {n} ")),
+        _ => false,
     }
 }
 
@@ -625,6 +872,8 @@ pub struct RunReport {
     /// The full failure context (empty when passed).
     pub message: String,
     pub duration: Duration,
+    /// The part of `duration` the host audit took (snapshots and their comparison).
+    pub audit: Duration,
 }
 
 /// Run one scenario against `backend` on the current tokio runtime: bounded, panics caught, then
@@ -632,6 +881,11 @@ pub struct RunReport {
 pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunReport {
     ACTIVE_TRIALS.fetch_add(1, Ordering::SeqCst);
     let start = Instant::now();
+    audit::window().add_roots(audit::state_roots(&*backend));
+    let trial = format!("{}::{}::{}", backend.name(), sc.family, sc.name);
+    let audit_start = Instant::now();
+    let window_i = audit::window().open(backend.name(), &trial);
+    let mut audit_time = audit_start.elapsed();
     let fds_before = residue::own_fds();
     let ctx = Ctx::new(backend.clone(), sc.family, sc.name);
     let task = tokio::spawn((sc.run)(ctx.clone()));
@@ -678,24 +932,66 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
             async move { b.destroy(&id).await }
         });
         match tokio::time::timeout(Duration::from_secs(60), spawned).await {
-            Ok(Ok(Ok(_))) | Ok(Ok(Err(CellError::NotFound { .. }))) => {}
+            Ok(Ok(Ok(_))) => {
+                ctx.mark_gone(&c.id);
+                ctx.check_gone(&c.id);
+            }
+            Ok(Ok(Err(CellError::NotFound { .. }))) => {}
             Ok(Ok(Err(e))) => cleanup_errors.push(format!("cleanup destroy {}: {e}", c.id)),
             Ok(Err(e)) => cleanup_errors.push(format!("cleanup destroy {} panicked: {e}", c.id)),
             Err(_) => cleanup_errors.push(format!("cleanup destroy {} hung for 60 s", c.id)),
         }
     }
-    let mut leak_reports = Vec::new();
+    let audit_start = Instant::now();
+    let (leaks, after) = ctx.leftovers(&cells, Some(&fds_before)).await;
+    let leak_reports: Vec<String> = leaks.iter().map(|(_, t)| t.clone()).collect();
+    // A cell that left nothing no longer needs its ledger entry; one that leaked keeps it, so
+    // the next run removes what this one could only report.
+    let cells: Vec<CellRec> = ctx.st().cells.clone();
     for c in &cells {
-        let leaks = residue::scan_settled(&ctx.scope_of(c), &fds_before, RESIDUE_GRACE).await;
-        if !leaks.is_empty() {
-            leak_reports.push(residue::describe(&c.id, &leaks));
+        if let Some(p) = &c.ledger {
+            if !c.live && !leaks.iter().any(|(id, _)| id == &c.id) {
+                let _ = std::fs::remove_file(p);
+            }
         }
     }
+    let needles: Vec<Needles> = cells.iter().map(|c| ctx.needles(c)).collect();
+    let window = audit::window().close(window_i, needles, after);
+    audit_time += audit_start.elapsed();
     ACTIVE_TRIALS.fetch_sub(1, Ordering::SeqCst);
+    let mut host_audit = None;
+    if let Some(w) = &window {
+        for b in &w.backends {
+            eprintln!("{}", audit::console_line(b, w));
+            audit::record(&serde_json::json!({
+                "kind": "window",
+                "backend": b,
+                "closed_by": trial,
+                "clean": !w.leftovers.contains_key(b),
+                "leftovers": w.leftovers.get(b).cloned().unwrap_or_default(),
+            }));
+        }
+        if let Some(v) = w.leftovers.get(backend.name()) {
+            host_audit = Some(format!(
+                "host audit of backend {} (snapshots before its first trial and after its last \
+                 in this process): {} leftover(s)\n  - {}",
+                backend.name(),
+                v.len(),
+                v.join("\n  - ")
+            ));
+        }
+    }
 
     let mut parts = Vec::new();
     if let Err(m) = &verdict {
         parts.push(m.clone());
+    }
+    let violations = ctx.st().violations.clone();
+    if !violations.is_empty() {
+        parts.push(violations.join("\n"));
+    }
+    if let Some(h) = host_audit {
+        parts.push(h);
     }
     if !leak_reports.is_empty() {
         parts.push(format!("after the scenario: {}", leak_reports.join("\n")));
@@ -726,6 +1022,7 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
         passed,
         message,
         duration: start.elapsed(),
+        audit: audit_time,
     }
 }
 

@@ -18,6 +18,21 @@ pub fn declared_marker(doc: &cellcheck_contract::CellDocument) -> Option<String>
         .map(|e| e.value.clone())
 }
 
+/// Env vars whose name starts with this are declared secrets: after destroy their values must be
+/// nowhere on the host (no file of the audited areas, no process's cmdline or environ).
+pub const SECRET_VAR_PREFIX: &str = "CELLCHECK_SECRET";
+
+/// The values of the secrets a document declares.
+pub fn declared_secrets(doc: &cellcheck_contract::CellDocument) -> Vec<String> {
+    doc.spec
+        .run
+        .env
+        .iter()
+        .filter(|e| e.name.starts_with(SECRET_VAR_PREFIX) && !e.value.is_empty())
+        .map(|e| e.value.clone())
+        .collect()
+}
+
 const ALPHABET: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
 
 /// `len` random characters from `[a-z0-9]`.

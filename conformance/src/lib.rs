@@ -50,10 +50,12 @@
 //!
 //! [`Capability`]: cellcheck_contract::Capability
 
+pub mod audit;
 pub mod expectations;
 pub mod faulty;
 pub mod harness;
 pub mod ids;
+pub mod ledger;
 pub mod preflight;
 pub mod residue;
 pub mod results;

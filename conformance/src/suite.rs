@@ -146,6 +146,8 @@ impl Suite {
         };
         let mut fixtures: Option<Result<Fixtures, String>> = None;
         let mut trials = Vec::new();
+        // The backends built for this run, by name: the ledger's recovery destroys through them.
+        let mut built: Vec<Arc<dyn Backend>> = Vec::new();
 
         for factory in &self.backends {
             let known_name = match factory {
@@ -206,6 +208,9 @@ impl Suite {
                 }
                 Err(_) => None,
             };
+            if let Ok(b) = &backend {
+                built.push(b.clone());
+            }
             let caps = backend.as_ref().ok().map(|b| b.capabilities());
             let attributes = backend.as_ref().map(|b| b.attributes()).unwrap_or_default();
 
@@ -266,6 +271,7 @@ impl Suite {
                 ));
             }
         }
+        recover_from_ledger(&built);
         trials
     }
 }
@@ -293,6 +299,29 @@ pub fn check_selection(selection: Option<&str>, known: &[String]) -> Result<(), 
             .join(", "),
         known.join(", ")
     ))
+}
+
+/// Reconcile what dead harnesses left (see [`crate::ledger`]), before any trial runs: through
+/// the backends of this run where the name matches, by record otherwise. Each recovered cell is
+/// printed and recorded as an audit line of kind `recovered`.
+fn recover_from_ledger(built: &[Arc<dyn Backend>]) {
+    let found = crate::ledger::reconcile(&crate::ledger::dir(), &|name| {
+        built.iter().find(|b| b.name() == name).cloned()
+    });
+    for r in found {
+        if r.removed.is_empty() && r.errors.is_empty() {
+            continue;
+        }
+        eprintln!("{}", crate::ledger::describe(&r));
+        crate::audit::record(&serde_json::json!({
+            "kind": "recovered",
+            "backend": r.backend,
+            "cell": r.cell,
+            "run": r.run,
+            "removed": r.removed,
+            "errors": r.errors,
+        }));
+    }
 }
 
 fn selected_by_filter(args: &Arguments, name: &str) -> bool {
