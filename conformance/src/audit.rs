@@ -124,6 +124,8 @@ pub struct Snapshot {
     pub loops: BTreeSet<String>,
     pub files: BTreeMap<PathBuf, FileMeta>,
     pub fds: BTreeMap<i32, PathBuf>,
+    /// Every entry of the shared fixture rootfs (paths, sizes, modes, mtimes).
+    pub rootfs: BTreeMap<PathBuf, FileMeta>,
 }
 
 /// Clock ticks since boot, the unit of a process's start time.
@@ -307,7 +309,12 @@ impl Snapshot {
         for r in file_roots(extra_roots) {
             walk_files(&r, FILE_DEPTH, &mut files, &skip);
         }
+        let mut rootfs = BTreeMap::new();
+        if let Some(r) = crate::harness::fixtures_rootfs().filter(|r| r.is_dir()) {
+            walk_files(&r, 64, &mut rootfs, &BTreeSet::new());
+        }
         Snapshot {
+            rootfs,
             at: now_ticks(),
             procs,
             cgroups: cgroup_dirs(),
@@ -549,6 +556,8 @@ struct WindowState {
     baseline: Option<std::sync::Arc<Snapshot>>,
     trials: Vec<TrialRec>,
     extra_roots: Vec<PathBuf>,
+    /// Backends with live cells of other harness processes when the window opened.
+    others_at_open: BTreeSet<String>,
 }
 
 /// The per-process audit window: opened by the first running trial, closed by the last.
@@ -563,6 +572,8 @@ pub struct WindowReport {
     pub leftovers: BTreeMap<String, Vec<String>>,
     /// The backends whose trials ran in the window.
     pub backends: BTreeSet<String>,
+    /// What was seen but cannot be pinned on this window's backends (printed, never failed).
+    pub warnings: Vec<String>,
 }
 
 static WINDOW: Window = Window {
@@ -571,6 +582,7 @@ static WINDOW: Window = Window {
         baseline: None,
         trials: Vec::new(),
         extra_roots: Vec::new(),
+        others_at_open: BTreeSet::new(),
     }),
 };
 
@@ -591,6 +603,7 @@ impl Window {
             let roots = st.extra_roots.clone();
             st.baseline = Some(std::sync::Arc::new(Snapshot::take(&roots)));
             st.trials.clear();
+            st.others_at_open = crate::ledger::live_backends_elsewhere();
         }
         st.active += 1;
         st.trials.push(TrialRec {
@@ -653,7 +666,11 @@ impl Window {
             .get_mut(i)
             .map(|t| t.cells.clone())
             .unwrap_or_default();
-        Some(diff_window(&before, &after, &trials, &skip))
+        let mut others = std::mem::take(&mut self.lock().others_at_open);
+        others.extend(crate::ledger::live_backends_elsewhere());
+        let mut rep = diff_window(&before, &after, &trials, &skip);
+        rootfs_changes(&before, &after, &trials, &others, &mut rep);
+        Some(rep)
     }
 }
 
@@ -802,6 +819,94 @@ pub fn record(line: &serde_json::Value) {
             "cellcheck: cannot append to audit file {}: {e}",
             path.display()
         );
+    }
+}
+
+/// What changed in the shared rootfs between two snapshots: added, removed, changed entries (a
+/// directory whose only change is the mtime an added or removed child gave it is left out).
+pub fn rootfs_diff(before: &Snapshot, after: &Snapshot) -> Vec<(PathBuf, String)> {
+    let moved = |p: &PathBuf| {
+        after.rootfs.keys().chain(before.rootfs.keys()).any(|c| {
+            c.parent() == Some(p.as_path())
+                && before.rootfs.contains_key(c) != after.rootfs.contains_key(c)
+        })
+    };
+    let mut out = Vec::new();
+    for (p, m) in &after.rootfs {
+        match before.rootfs.get(p) {
+            None => out.push((p.clone(), format!("{} added", p.display()))),
+            Some(b) if b != m => {
+                let dir = m.mode & 0o170000 == 0o040000;
+                let only_mtime = b.size == m.size && b.mode == m.mode;
+                if !(dir && only_mtime && moved(p)) {
+                    out.push((
+                        p.clone(),
+                        format!(
+                            "{} changed (size {} -> {}, mode {:o} -> {:o})",
+                            p.display(),
+                            b.size,
+                            m.size,
+                            b.mode,
+                            m.mode
+                        ),
+                    ))
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    for p in before.rootfs.keys() {
+        if !after.rootfs.contains_key(p) {
+            out.push((p.clone(), format!("{} removed", p.display())));
+        }
+    }
+    out
+}
+
+/// Rootfs changes of the window: a change whose path mentions a cell is that cell's trial's; any
+/// other is blamed on the window's backends only when no other backend had live cells (in another
+/// harness process, per the ledger) while the window was open. The rootfs is shared by every
+/// backend of the run, so otherwise the writer cannot be told, and it is a warning.
+fn rootfs_changes(
+    before: &Snapshot,
+    after: &Snapshot,
+    trials: &[TrialRec],
+    others: &BTreeSet<String>,
+    rep: &mut WindowReport,
+) {
+    let suspects: Vec<&str> = others
+        .iter()
+        .filter(|o| !rep.backends.contains(*o))
+        .map(String::as_str)
+        .collect();
+    for (p, what) in rootfs_diff(before, after) {
+        let l = Leftover::Rootfs(what);
+        let owner = trials.iter().find_map(|t| {
+            t.cells
+                .iter()
+                .find(|c| c.mentioned_in(&p.to_string_lossy()).is_some())
+                .map(|c| (t, c))
+        });
+        if let Some((t, c)) = owner {
+            rep.leftovers
+                .entry(t.backend.clone())
+                .or_default()
+                .push(format!("{l} (cell {}, trial {})", c.cell, t.name));
+        } else if suspects.is_empty() {
+            for b in &rep.backends {
+                rep.leftovers
+                    .entry(b.clone())
+                    .or_default()
+                    .push(format!("{l} (while this backend's trials ran)"));
+            }
+        } else {
+            let mine: Vec<&str> = rep.backends.iter().map(String::as_str).collect();
+            rep.warnings.push(format!(
+                "{l}: cells of {} ran in other processes meanwhile, so it is not pinned on {}",
+                suspects.join(", "),
+                mine.join(", ")
+            ));
+        }
     }
 }
 

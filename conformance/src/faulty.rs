@@ -35,6 +35,32 @@ pub enum Fault {
     PanicOnDoubleDestroy,
     /// `wait` never returns (a hung backend).
     HangOnWait,
+    /// Create makes a cgroup dir named after the cell that the footprint does not list.
+    UndeclaredCgroupDir,
+    /// Create writes a file named after the cell that the footprint does not list.
+    UndeclaredFile,
+    /// Create mounts a tmpfs on a dir named after the cell; the footprint has no mount marker.
+    UndeclaredMount,
+    /// Create adds a named netns after the cell; the footprint lists none.
+    UndeclaredNetns,
+    /// Create starts a helper process with no marker, no id, an empty env; never killed.
+    UnmarkedHelper,
+    /// Create starts a short helper and never reaps it: a zombie child of the harness.
+    Zombie,
+    /// Destroy returns Ok at once and does the real destroy a moment later.
+    LateKill,
+    /// Create writes the declared secrets into a file whose name says nothing of the cell.
+    SecretToFile,
+    /// Create writes a file into the shared fixture rootfs.
+    WriteSharedRootfs,
+}
+
+/// Something an undeclared fault made, to be removed by [`FaultyBackend::cleanup`].
+#[derive(Debug)]
+enum Made {
+    Path(PathBuf),
+    Mount(PathBuf),
+    Netns(String),
 }
 
 pub struct FaultyBackend {
@@ -42,6 +68,10 @@ pub struct FaultyBackend {
     fault: Fault,
     name: String,
     leaked: Mutex<Vec<Child>>,
+    /// Paths and netns the undeclared faults made, removed by [`FaultyBackend::cleanup`].
+    made: Mutex<Vec<Made>>,
+    /// Destroys [`Fault::LateKill`] still has to do.
+    late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     destroyed: Mutex<BTreeSet<String>>,
     created: Mutex<Vec<String>>,
 }
@@ -54,6 +84,8 @@ impl FaultyBackend {
             fault,
             name,
             leaked: Mutex::new(Vec::new()),
+            made: Mutex::new(Vec::new()),
+            late: Mutex::new(Vec::new()),
             destroyed: Mutex::new(BTreeSet::new()),
             created: Mutex::new(Vec::new()),
         }
@@ -85,10 +117,48 @@ impl FaultyBackend {
         std::env::temp_dir().join(format!("cellcheck-faulty-{id}.state"))
     }
 
+    /// What the undeclared faults made, by name (for the self-tests' expected messages).
+    pub fn made(&self) -> Vec<String> {
+        self.made
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|m| match m {
+                Made::Path(p) | Made::Mount(p) => p.display().to_string(),
+                Made::Netns(n) => n.clone(),
+            })
+            .collect()
+    }
+
     /// Remove what the faults leaked: kill and reap the leaked processes (by their recorded pid),
     /// remove the cgroup dirs and state files of the given ids. Returns what it removed.
     pub fn cleanup(&self, ids: &[String]) -> Vec<String> {
         let mut done = Vec::new();
+        // The late destroys first: they kill what is still running.
+        let late: Vec<_> = self.late.lock().unwrap().drain(..).collect();
+        for h in late {
+            while !h.is_finished() {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            done.push("a late destroy".to_string());
+        }
+        for m in self.made.lock().unwrap().drain(..).rev() {
+            let ok = match &m {
+                Made::Mount(p) => {
+                    nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH).is_ok()
+                        && std::fs::remove_dir(p).is_ok()
+                }
+                Made::Path(p) if p.is_dir() => std::fs::remove_dir(p).is_ok(),
+                Made::Path(p) => std::fs::remove_file(p).is_ok(),
+                Made::Netns(n) => Command::new("ip")
+                    .args(["netns", "delete", n])
+                    .status()
+                    .is_ok_and(|s| s.success()),
+            };
+            if ok {
+                done.push(format!("{m:?}"));
+            }
+        }
         for mut c in self.leaked.lock().unwrap().drain(..) {
             let _ = c.kill();
             let _ = c.wait();
@@ -111,6 +181,85 @@ impl FaultyBackend {
     pub fn cleanup_created(&self) -> Vec<String> {
         let ids: Vec<String> = self.created.lock().unwrap().clone();
         self.cleanup(&ids)
+    }
+
+    fn spawn_quiet(&self, cmd: &mut Command) -> Result<Child, CellError> {
+        cmd.env_clear()
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| CellError::failure(format!("faulty: spawn helper: {e}")))
+    }
+
+    /// The undeclared leaks of create, each named after the cell (as a backend names its things).
+    fn leak_undeclared(&self, doc: &CellDocument) -> Result<(), CellError> {
+        let id = &doc.spec.id;
+        let tmp = std::env::temp_dir();
+        let mut made = self.made.lock().unwrap();
+        match self.fault {
+            Fault::UndeclaredCgroupDir => {
+                let d = Self::cgroup_dir(id).with_file_name(format!("cellcheck-undeclared-{id}"));
+                std::fs::create_dir_all(&d)?;
+                made.push(Made::Path(d));
+            }
+            Fault::UndeclaredFile => {
+                let f = tmp.join(format!("cellcheck-undeclared-{id}"));
+                std::fs::write(&f, b"x")?;
+                made.push(Made::Path(f));
+            }
+            Fault::UndeclaredMount => {
+                let d = tmp.join(format!("cellcheck-mnt-{id}"));
+                std::fs::create_dir_all(&d)?;
+                made.push(Made::Path(d.clone()));
+                nix::mount::mount(
+                    Some("cellcheck-faulty"),
+                    &d,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::empty(),
+                    Some("size=64k"),
+                )
+                .map_err(|e| CellError::failure(format!("faulty: mount: {e}")))?;
+                made.pop();
+                made.push(Made::Mount(d));
+            }
+            Fault::UndeclaredNetns => {
+                let n = format!("cellcheck-{id}");
+                let ok = Command::new("ip")
+                    .args(["netns", "add", &n])
+                    .status()
+                    .is_ok_and(|s| s.success());
+                if !ok {
+                    return Err(CellError::failure("faulty: `ip netns add` failed"));
+                }
+                made.push(Made::Netns(n));
+            }
+            Fault::UnmarkedHelper => {
+                let c = self.spawn_quiet(Command::new("sleep").arg("3600"))?;
+                self.leaked.lock().unwrap().push(c);
+            }
+            Fault::Zombie => {
+                let c = self.spawn_quiet(&mut Command::new("true"))?;
+                self.leaked.lock().unwrap().push(c);
+            }
+            Fault::SecretToFile => {
+                let secrets = crate::ids::declared_secrets(doc);
+                if !secrets.is_empty() {
+                    let f = tmp.join(format!("faulty-{}.log", crate::ids::random_token(10)));
+                    std::fs::write(&f, secrets.join("\n"))?;
+                    made.push(Made::Path(f));
+                }
+            }
+            Fault::WriteSharedRootfs => {
+                if let Some(root) = crate::harness::fixtures_rootfs() {
+                    let f = root.join(format!("faulty-{id}"));
+                    std::fs::write(&f, b"x")?;
+                    made.push(Made::Path(f));
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     fn wrap(&self, doc: &CellDocument) -> CellDocument {
@@ -183,7 +332,7 @@ impl Backend for FaultyBackend {
             Fault::LeaveStateFile => {
                 std::fs::write(Self::state_file(id), id.as_bytes())?;
             }
-            _ => {}
+            _ => self.leak_undeclared(doc)?,
         }
         Ok(h)
     }
@@ -205,6 +354,19 @@ impl Backend for FaultyBackend {
         if self.fault == Fault::PanicOnDoubleDestroy && self.destroyed.lock().unwrap().contains(id)
         {
             panic!("faulty backend: second destroy of {id}");
+        }
+        if self.fault == Fault::LateKill && !self.destroyed.lock().unwrap().contains(id) {
+            self.destroyed.lock().unwrap().insert(id.to_string());
+            let (inner, cell) = (self.inner.clone(), id.to_string());
+            self.late.lock().unwrap().push(tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                let _ = inner.destroy(&cell).await;
+            }));
+            return Ok(TeardownReport {
+                id: id.to_string(),
+                killed_running: false,
+                remaining_cells: 0,
+            });
         }
         let r = self.inner.destroy(id).await;
         if r.is_ok() {

@@ -961,6 +961,9 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
     ACTIVE_TRIALS.fetch_sub(1, Ordering::SeqCst);
     let mut host_audit = None;
     if let Some(w) = &window {
+        for warn in &w.warnings {
+            eprintln!("cellcheck: host audit warning: {warn}");
+        }
         for b in &w.backends {
             eprintln!("{}", audit::console_line(b, w));
             audit::record(&serde_json::json!({
@@ -969,6 +972,7 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
                 "closed_by": trial,
                 "clean": !w.leftovers.contains_key(b),
                 "leftovers": w.leftovers.get(b).cloned().unwrap_or_default(),
+                "warnings": w.warnings,
             }));
         }
         if let Some(v) = w.leftovers.get(backend.name()) {

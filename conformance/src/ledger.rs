@@ -97,6 +97,26 @@ impl Entry {
     }
 }
 
+/// The backends with live cells of other, living harness processes.
+pub fn live_backends_elsewhere() -> std::collections::BTreeSet<String> {
+    let me = std::process::id();
+    let Ok(rd) = std::fs::read_dir(dir()) else {
+        return Default::default();
+    };
+    rd.flatten()
+        // The file name starts with the harness pid: ours are skipped without reading them.
+        .filter(|e| {
+            !e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{me}-"))
+        })
+        .filter_map(|e| std::fs::read(e.path()).ok())
+        .filter_map(|t| serde_json::from_slice::<Entry>(&t).ok())
+        .filter(|e| e.harness_pid != me && e.harness_alive())
+        .map(|e| e.backend)
+        .collect()
+}
+
 /// Write `e` to `dir/file` atomically (a reader never sees half an entry).
 pub fn write(dir: &Path, file: &str, e: &Entry) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;

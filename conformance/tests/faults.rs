@@ -65,7 +65,58 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
     (Fault::HangOnWait, &["exit::code_42"], |_| {
         vec!["did not finish within 20 s".into()]
     }),
+    (Fault::UndeclaredCgroupDir, &["residue::after_exit"], |f| {
+        made_or_missing(f, &["cgroup dir", "[host audit]"])
+    }),
+    (Fault::UndeclaredFile, &["residue::after_exit"], |f| {
+        made_or_missing(f, &["path", "[host audit]"])
+    }),
+    (Fault::UndeclaredMount, &["residue::after_exit"], |f| {
+        made_or_missing(f, &["mount", "source cellcheck-faulty, type tmpfs"])
+    }),
+    (Fault::UndeclaredNetns, &["residue::after_exit"], |f| {
+        made_or_missing(f, &["netns cellcheck-cc-"])
+    }),
+    (Fault::UnmarkedHelper, &["residue::after_exit"], |f| {
+        let mut v: Vec<String> = f
+            .leaked_pids()
+            .iter()
+            .map(|p| format!("pid {p} (state"))
+            .collect();
+        v.push("a descendant of the harness that mentions no cell".into());
+        v
+    }),
+    (Fault::Zombie, &["residue::after_exit"], |f| {
+        f.leaked_pids()
+            .iter()
+            .map(|p| format!("unreaped zombie child pid {p}"))
+            .collect()
+    }),
+    (Fault::LateKill, &["lifecycle::destroy_running"], |_| {
+        vec![
+            "returned Ok while process pid".into(),
+            "could still run".into(),
+        ]
+    }),
+    (Fault::SecretToFile, &["isolation::secret_hygiene"], |f| {
+        made_or_missing(f, &["holds a declared secret"])
+    }),
+    (Fault::WriteSharedRootfs, &["residue::after_exit"], |f| {
+        made_or_missing(f, &["shared rootfs changed", "added"])
+    }),
 ];
+
+/// What an undeclared fault made, by name, plus `also`; a needle no message has when the fault
+/// made nothing (so it never ran).
+fn made_or_missing(f: &FaultyBackend, also: &[&str]) -> Vec<String> {
+    let made = f.made();
+    let mut v: Vec<String> = also.iter().map(|s| s.to_string()).collect();
+    if made.is_empty() {
+        v.push(format!("<{:?} made nothing>", f.fault()));
+    }
+    v.extend(made);
+    v
+}
 
 fn pid_alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
