@@ -721,12 +721,12 @@ fn diff_window(
             continue;
         }
         let zombie = p.state == 'Z' && p.ppid == me;
-        if !zombie && !(p.runnable() && after.descends_from_me(p)) {
+        if !(zombie || p.runnable() && after.descends_from_me(p)) {
             continue;
         }
         let running: BTreeSet<&str> = trials
             .iter()
-            .filter(|t| t.start <= p.start && t.end.map_or(true, |e| p.start <= e + 1))
+            .filter(|t| t.start <= p.start && !matches!(t.end, Some(e) if p.start > e + 1))
             .map(|t| t.backend.as_str())
             .collect();
         let what = if zombie {

@@ -364,11 +364,39 @@ fn recover(e: &Entry, backend: Option<std::sync::Arc<dyn Backend>>) -> Recovered
             std::fs::remove_file(p)
         };
         match res {
-            Ok(()) => r.removed.push(format!("removed path {}", p.display())),
+            Ok(()) => {
+                r.removed.push(format!("removed path {}", p.display()));
+                for d in remove_empty_parents(p) {
+                    r.removed.push(format!("removed empty dir {}", d.display()));
+                }
+            }
             Err(err) => r.errors.push(format!("remove {}: {err}", p.display())),
         }
     }
     r
+}
+
+/// Remove the now empty parents of a removed path (a dead instance's `bundles/`, then its
+/// root), at most two levels up and never a file area (`/run`) or a direct child of one
+/// (`/run/cellcheck`, which other runs share). `rmdir` refuses a dir that is not empty, so a
+/// dir still in use is never removed.
+fn remove_empty_parents(p: &Path) -> Vec<PathBuf> {
+    let areas: Vec<PathBuf> = audit::file_roots(&[]);
+    let mut out = Vec::new();
+    let mut cur = p.parent();
+    for _ in 0..2 {
+        let Some(d) = cur else { break };
+        let protected = d.parent().is_none()
+            || areas
+                .iter()
+                .any(|a| d == a || d.parent() == Some(a.as_path()) || a.starts_with(d));
+        if protected || std::fs::remove_dir(d).is_err() {
+            break;
+        }
+        out.push(d.to_path_buf());
+        cur = d.parent();
+    }
+    out
 }
 
 /// Thaw a v1 freezer or v2 cgroup; whether it was frozen.

@@ -1,0 +1,285 @@
+//! A harness killed while its cells are live leaves them on the host. The next run must find them
+//! in the ledger, remove them and say what it removed.
+//!
+//! The test runs this binary twice as a child: first in the `hold` role (creates cells on the
+//! host and runc backends, one of each paused, then waits), which it SIGKILLs; then in the
+//! `rerun` role, a normal suite run of one scenario per backend. Both share a private ledger.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cellcheck_conformance::audit::{self, Needles};
+use cellcheck_conformance::{ids, ledger, Ctx, Suite};
+use cellcheck_contract::{Availability, Backend, Capability};
+use libtest_mimic::{Arguments, Failed, Trial};
+use serde::{Deserialize, Serialize};
+
+const ROLE: &str = "CELLCHECK_RECOVERY_ROLE";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Held {
+    backend: String,
+    id: String,
+    marker: String,
+    footprint: cellcheck_contract::Footprint,
+    paused: bool,
+}
+
+fn host(fx: &cellcheck_fixtures::Fixtures) -> Arc<dyn Backend> {
+    Arc::new(cellcheck_host::HostBackend::new(
+        cellcheck_host::HostConfig::from_fixtures(fx),
+    ))
+}
+
+fn runc(fx: &cellcheck_fixtures::Fixtures) -> Arc<dyn Backend> {
+    Arc::new(cellcheck_oci::OciBackend::runc(
+        cellcheck_oci::OciConfig::from_fixtures(fx),
+    ))
+}
+
+/// Create two cells per backend (one paused where the backend can pause), print them, wait.
+fn hold() -> ExitCode {
+    ids::canary();
+    let fx = cellcheck_fixtures::ensure().expect("fixtures");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    for b in [host(&fx), runc(&fx)] {
+        if let Availability::Unavailable { reason } = rt.block_on(b.preflight()) {
+            eprintln!("{} unavailable: {reason}", b.name());
+            return ExitCode::FAILURE;
+        }
+        let ctx = Ctx::new(b.clone(), "recovery", "hold");
+        for n in 0..2 {
+            let doc = ctx.doc(&["hold"]);
+            let id = doc.spec.id.clone();
+            if let Err(f) = rt.block_on(ctx.create_running(&doc)) {
+                eprintln!("create on {}: {f}", b.name());
+                return ExitCode::FAILURE;
+            }
+            let paused = n == 1 && ctx.has(Capability::Pause);
+            if paused {
+                if let Err(e) = rt.block_on(b.pause(&id)) {
+                    eprintln!("pause on {}: {e}", b.name());
+                    return ExitCode::FAILURE;
+                }
+            }
+            let held = Held {
+                backend: b.name().into(),
+                id: id.clone(),
+                marker: ctx.marker_of(&id),
+                footprint: b.footprint(&id),
+                paused,
+            };
+            println!("{}", serde_json::to_string(&held).unwrap());
+        }
+    }
+    println!("ready");
+    loop {
+        std::thread::sleep(Duration::from_secs(3600));
+    }
+}
+
+/// A normal run of one scenario per backend: its start recovers what the ledger holds.
+fn rerun() -> ExitCode {
+    let scenarios = cellcheck_conformance::scenarios::all()
+        .into_iter()
+        .filter(|s| s.path() == "exit::code_0")
+        .collect();
+    Suite::new()
+        .backend_with_fixtures("host", host)
+        .backend_with_fixtures("runc", runc)
+        .with_scenarios(scenarios)
+        .run_from_args()
+}
+
+/// Everything of `h` still on the host, by what the audit and the footprint can see.
+fn remains(h: &Held) -> Vec<String> {
+    let n = Needles {
+        cell: h.id.clone(),
+        marker: h.marker.clone(),
+        process_markers: h.footprint.process_markers.clone(),
+        ..Needles::default()
+    };
+    let mut out: Vec<String> = audit::processes()
+        .into_iter()
+        .filter(|p| n.process_reason(p).is_some())
+        .map(|p| format!("process {}", p.describe()))
+        .collect();
+    for p in h.footprint.paths.iter().chain(&h.footprint.cgroup_dirs) {
+        if p.symlink_metadata().is_ok() {
+            out.push(format!("{} still exists", p.display()));
+        }
+    }
+    // The dead instance's state dirs go with its last cell.
+    for p in &h.footprint.paths {
+        if let Some(d) = p.parent().filter(|d| d.exists()) {
+            if std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_none()) {
+                out.push(format!("empty state dir {} still exists", d.display()));
+            }
+        }
+    }
+    out.extend(
+        audit::cgroup_dirs()
+            .into_iter()
+            .filter(|d| d.to_string_lossy().contains(&h.id))
+            .map(|d| format!("cgroup dir {}", d.display())),
+    );
+    out
+}
+
+fn sigkill_then_rerun() -> Result<(), Failed> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let ledger_dir = dir.path().join("ledger");
+    let results = dir.path().join("results.jsonl");
+    let audit_file = dir.path().join("audit.jsonl");
+    let me = std::env::current_exe().map_err(|e| e.to_string())?;
+
+    let mut child = Command::new(&me)
+        .env(ROLE, "hold")
+        .env("CELLCHECK_LEDGER_DIR", &ledger_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("spawn hold: {e}"))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let out = child.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for l in BufReader::new(out).lines() {
+            let Ok(l) = l else { break };
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut held: Vec<Held> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let ready = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) if l == "ready" => break true,
+            Ok(l) => held.push(serde_json::from_str(&l).map_err(|e| format!("{l}: {e}"))?),
+            Err(_) => break false,
+        }
+    };
+    let result = (|| -> Result<(), String> {
+        if !ready {
+            return Err(format!(
+                "the holding run did not get its cells up within 120 s (got {held:?})"
+            ));
+        }
+        for b in ["host", "runc"] {
+            if !held.iter().any(|h| h.backend == b && h.paused) {
+                return Err(format!("no paused {b} cell among {held:?}"));
+            }
+        }
+        let entries = std::fs::read_dir(&ledger_dir)
+            .map(|r| r.count())
+            .unwrap_or(0);
+        if entries != held.len() {
+            return Err(format!(
+                "{entries} ledger entries for {} live cells",
+                held.len()
+            ));
+        }
+        child.kill().map_err(|e| format!("SIGKILL: {e}"))?;
+        child.wait().map_err(|e| e.to_string())?;
+        // A backend may tie its cells to the harness's life (the host backend's init dies with
+        // it): nothing of those is left to recover. Runc's containers outlive the harness, so
+        // the kill really leaves cells behind, or this test proves nothing.
+        let left: Vec<&Held> = held.iter().filter(|h| !remains(h).is_empty()).collect();
+        for h in held.iter().filter(|h| h.backend == "runc") {
+            if !left.iter().any(|l| l.id == h.id) {
+                return Err(format!(
+                    "nothing of runc cell {} was left by the killed run",
+                    h.id
+                ));
+            }
+        }
+        for h in held.iter().filter(|h| !left.iter().any(|l| l.id == h.id)) {
+            println!(
+                "{} cell {} died with its harness: nothing to recover",
+                h.backend, h.id
+            );
+        }
+
+        let rerun = Command::new(&me)
+            .arg("exit::code_0")
+            .env(ROLE, "rerun")
+            .env("CELLCHECK_LEDGER_DIR", &ledger_dir)
+            .env("CELLCHECK_RESULTS", &results)
+            .env_remove("CELLCHECK_BACKENDS")
+            .output()
+            .map_err(|e| format!("spawn rerun: {e}"))?;
+        let stderr = String::from_utf8_lossy(&rerun.stderr);
+        let stdout = String::from_utf8_lossy(&rerun.stdout);
+        if !rerun.status.success() {
+            return Err(format!(
+                "the second run failed ({}):\n{stdout}\n{stderr}",
+                rerun.status
+            ));
+        }
+        let audit_lines = std::fs::read_to_string(&audit_file).unwrap_or_default();
+        let mut problems = Vec::new();
+        for h in &left {
+            let said = format!("recovered cell {} of backend {}", h.id, h.backend);
+            if !stderr.contains(&said) {
+                problems.push(format!("the console does not say {said:?}"));
+            }
+            if !audit_lines.lines().any(|l| {
+                l.contains("\"kind\":\"recovered\"")
+                    && l.contains(&format!("\"cell\":\"{}\"", h.id))
+            }) {
+                problems.push(format!("no `recovered` audit line for {}", h.id));
+            }
+        }
+        for h in &held {
+            let after = remains(h);
+            if !after.is_empty() {
+                problems.push(format!("{} left after recovery: {after:?}", h.id));
+            }
+        }
+        for h in left.iter().filter(|h| h.paused) {
+            if !stderr.contains("thawed frozen cgroup") {
+                problems.push(format!("the paused cell {} was not reported thawed", h.id));
+            }
+        }
+        let entries: Vec<_> = std::fs::read_dir(&ledger_dir)
+            .map(|r| r.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        if !entries.is_empty() {
+            problems.push(format!("ledger entries left: {entries:?}"));
+        }
+        println!("{stderr}");
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{}\n--- second run's stderr:\n{stderr}",
+                problems.join("\n")
+            ))
+        }
+    })();
+    // Whatever happened, leave nothing behind.
+    let _ = child.kill();
+    let _ = child.wait();
+    for r in ledger::reconcile(&ledger_dir, &|_| None) {
+        if !r.removed.is_empty() {
+            eprintln!("test cleanup: {}", ledger::describe(&r));
+        }
+    }
+    result.map_err(Failed::from)
+}
+
+fn main() -> ExitCode {
+    match std::env::var(ROLE).as_deref() {
+        Ok("hold") => return hold(),
+        Ok("rerun") => return rerun(),
+        _ => {}
+    }
+    let args = Arguments::from_args();
+    let trials = vec![Trial::test(
+        "recovery::sigkill_with_live_cells_then_rerun",
+        sigkill_then_rerun,
+    )];
+    libtest_mimic::run(&args, trials).exit_code()
+}
