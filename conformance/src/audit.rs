@@ -43,6 +43,9 @@ pub const FILE_AREAS: &[&str] = &["/tmp", "/run", "/var/run", "/var/lib", "/dev/
 /// How deep the file areas are walked: cells' leftovers sit near the top (a state dir, a socket,
 /// a bundle); deeper levels are their contents.
 const FILE_DEPTH: usize = 4;
+/// `/var/lib` holds package databases thousands of files deep; a tool's per-cell state there sits
+/// at `/var/lib/<tool>/<id>`.
+const VAR_LIB_DEPTH: usize = 2;
 /// The most entries recorded per snapshot, so an unusual host cannot make the audit slow.
 const FILE_CAP: usize = 60_000;
 /// The most bytes read per file when looking for a secret.
@@ -156,6 +159,20 @@ pub fn start_time(pid: u32) -> Option<u64> {
 
 /// Every process of the host except this one.
 pub fn processes() -> Vec<Proc> {
+    processes_since(None)
+}
+
+/// Every process of the host except this one; cmdline, environ and cgroup are read only for
+/// processes not in `known` (a baseline's keys). A process that existed when the baseline was
+/// taken was forked before any cell of the window was created, so it is none of theirs: its
+/// contents are not needed, and skipping them keeps a snapshot cheap.
+pub fn processes_since(known: Option<&BTreeMap<(u32, u64), Proc>>) -> Vec<Proc> {
+    read_processes(known, true)
+}
+
+/// The process table; with `contents` false only what `/proc/<pid>/stat` says (a baseline needs
+/// no more: its processes' contents are never looked at, see [`processes_since`]).
+fn read_processes(known: Option<&BTreeMap<(u32, u64), Proc>>, contents: bool) -> Vec<Proc> {
     let me = std::process::id();
     let mut out = Vec::new();
     let Ok(all) = procfs::process::all_processes() else {
@@ -168,7 +185,21 @@ pub fn processes() -> Vec<Proc> {
         // A process that exits meanwhile is simply not there.
         let Ok(st) = p.stat() else { continue };
         let pid = st.pid as u32;
-        let read = |f: &str| std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default();
+        if let Some(k) = known.and_then(|k| k.get(&(pid, st.starttime))) {
+            out.push(Proc {
+                state: st.state,
+                ppid: st.ppid as u32,
+                ..k.clone()
+            });
+            continue;
+        }
+        let read = |f: &str| {
+            if contents {
+                std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default()
+            } else {
+                Vec::new()
+            }
+        };
         let cgroup = String::from_utf8_lossy(&read("cgroup"))
             .trim()
             .replace('\n', ";");
@@ -296,7 +327,25 @@ pub fn file_roots(extra: &[PathBuf]) -> Vec<PathBuf> {
 impl Snapshot {
     /// Take a snapshot, walking the file areas plus `extra_roots`.
     pub fn take(extra_roots: &[PathBuf]) -> Snapshot {
-        let procs = processes()
+        Self::take_since(extra_roots, None)
+    }
+
+    /// [`Snapshot::take`], reusing `baseline`'s process contents (see [`processes_since`]).
+    pub fn take_since(extra_roots: &[PathBuf], baseline: Option<&Snapshot>) -> Snapshot {
+        Self::take_inner(extra_roots, baseline, true)
+    }
+
+    /// A baseline: processes by stat only.
+    pub fn take_baseline(extra_roots: &[PathBuf]) -> Snapshot {
+        Self::take_inner(extra_roots, None, false)
+    }
+
+    fn take_inner(
+        extra_roots: &[PathBuf],
+        baseline: Option<&Snapshot>,
+        contents: bool,
+    ) -> Snapshot {
+        let procs = read_processes(baseline.map(|b| &b.procs), contents)
             .into_iter()
             .map(|p| ((p.pid, p.start), p))
             .collect();
@@ -307,7 +356,12 @@ impl Snapshot {
             .filter_map(|p| p.canonicalize().ok())
             .collect();
         for r in file_roots(extra_roots) {
-            walk_files(&r, FILE_DEPTH, &mut files, &skip);
+            let depth = if r == Path::new("/var/lib") {
+                VAR_LIB_DEPTH
+            } else {
+                FILE_DEPTH
+            };
+            walk_files(&r, depth, &mut files, &skip);
         }
         let mut rootfs = BTreeMap::new();
         if let Some(r) = crate::harness::fixtures_rootfs().filter(|r| r.is_dir()) {
@@ -533,7 +587,8 @@ pub fn scoped(cells: &[Needles], before: &Snapshot, after: &Snapshot) -> Vec<(St
 
 /// Processes of cell `c` that can still run: what "destroy returned Ok" forbids.
 pub fn runnable_of(c: &Needles) -> Vec<(Proc, String)> {
-    processes()
+    let baseline = window().baseline();
+    processes_since(baseline.as_deref().map(|b| &b.procs))
         .into_iter()
         .filter(|p| p.runnable())
         .filter_map(|p| c.process_reason(&p).map(|why| (p, why)))
@@ -601,7 +656,7 @@ impl Window {
         let mut st = self.lock();
         if st.active == 0 {
             let roots = st.extra_roots.clone();
-            st.baseline = Some(std::sync::Arc::new(Snapshot::take(&roots)));
+            st.baseline = Some(std::sync::Arc::new(Snapshot::take_baseline(&roots)));
             st.trials.clear();
             st.others_at_open = crate::ledger::live_backends_elsewhere();
         }
@@ -661,7 +716,7 @@ impl Window {
         let roots = st.extra_roots.clone();
         let mut trials = std::mem::take(&mut st.trials);
         drop(st);
-        let after = after.unwrap_or_else(|| Snapshot::take(&roots));
+        let after = after.unwrap_or_else(|| Snapshot::take_since(&roots, Some(&before)));
         let skip: Vec<Needles> = trials
             .get_mut(i)
             .map(|t| t.cells.clone())
@@ -863,10 +918,11 @@ pub fn rootfs_diff(before: &Snapshot, after: &Snapshot) -> Vec<(PathBuf, String)
     out
 }
 
-/// Rootfs changes of the window: a change whose path mentions a cell is that cell's trial's; any
-/// other is blamed on the window's backends only when no other backend had live cells (in another
-/// harness process, per the ledger) while the window was open. The rootfs is shared by every
-/// backend of the run, so otherwise the writer cannot be told, and it is a warning.
+/// Rootfs changes of the window. A change whose path mentions a cell is that cell's trial's and
+/// fails its backend. Any other change is reported as a warning naming the backends whose cells
+/// were live meanwhile (this window's, and other harness processes' per the ledger), never as a
+/// failure: the rootfs is shared by every backend of the run, and a cell of another process may
+/// have lived and died inside this window without any record left to tell.
 fn rootfs_changes(
     before: &Snapshot,
     after: &Snapshot,
@@ -874,11 +930,9 @@ fn rootfs_changes(
     others: &BTreeSet<String>,
     rep: &mut WindowReport,
 ) {
-    let suspects: Vec<&str> = others
-        .iter()
-        .filter(|o| !rep.backends.contains(*o))
-        .map(String::as_str)
-        .collect();
+    let mut suspects: BTreeSet<&str> = rep.backends.iter().map(String::as_str).collect();
+    suspects.extend(others.iter().map(String::as_str));
+    let suspects: Vec<&str> = suspects.into_iter().collect();
     for (p, what) in rootfs_diff(before, after) {
         let l = Leftover::Rootfs(what);
         let owner = trials.iter().find_map(|t| {
@@ -887,25 +941,17 @@ fn rootfs_changes(
                 .find(|c| c.mentioned_in(&p.to_string_lossy()).is_some())
                 .map(|c| (t, c))
         });
-        if let Some((t, c)) = owner {
-            rep.leftovers
+        match owner {
+            Some((t, c)) => rep
+                .leftovers
                 .entry(t.backend.clone())
                 .or_default()
-                .push(format!("{l} (cell {}, trial {})", c.cell, t.name));
-        } else if suspects.is_empty() {
-            for b in &rep.backends {
-                rep.leftovers
-                    .entry(b.clone())
-                    .or_default()
-                    .push(format!("{l} (while this backend's trials ran)"));
-            }
-        } else {
-            let mine: Vec<&str> = rep.backends.iter().map(String::as_str).collect();
-            rep.warnings.push(format!(
-                "{l}: cells of {} ran in other processes meanwhile, so it is not pinned on {}",
-                suspects.join(", "),
-                mine.join(", ")
-            ));
+                .push(format!("{l} (cell {}, trial {})", c.cell, t.name)),
+            None => rep.warnings.push(format!(
+                "{l}: a cell wrote into the shared rootfs while cells of {} were live \
+                 (which one cannot be told from here)",
+                suspects.join(", ")
+            )),
         }
     }
 }

@@ -697,14 +697,28 @@ impl Ctx {
         let roots = audit::window().roots();
         let start = Instant::now();
         loop {
-            let after = audit::Snapshot::take(&roots);
             let baseline = audit::window().baseline();
+            let after = audit::Snapshot::take_since(&roots, baseline.as_deref());
             let before = baseline.as_deref().unwrap_or(&after);
             let mut per_cell: BTreeMap<String, Vec<String>> = BTreeMap::new();
             let mut settling = true;
+            let procs: Vec<residue::ProcInfo> = after
+                .procs
+                .values()
+                .map(|p| residue::ProcInfo {
+                    pid: p.pid,
+                    ppid: p.ppid,
+                    state: p.state,
+                    cmdline: p.cmdline.clone(),
+                    environ: p.environ.clone(),
+                })
+                .collect();
             for c in recs {
-                let leaks =
-                    residue::scan(&self.scope_of(c), fds_before.unwrap_or(&BTreeMap::new()));
+                let leaks = residue::scan_procs(
+                    &self.scope_of(c),
+                    fds_before.unwrap_or(&BTreeMap::new()),
+                    procs.clone(),
+                );
                 for l in leaks {
                     if fds_before.is_none() && matches!(l, residue::Leak::Fd { .. }) {
                         continue;
@@ -973,6 +987,9 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
                 "clean": !w.leftovers.contains_key(b),
                 "leftovers": w.leftovers.get(b).cloned().unwrap_or_default(),
                 "warnings": w.warnings,
+                // What the audit added to the closing trial (snapshots and comparisons).
+                "audit_ms": audit_time.as_millis() as u64,
+                "trial_ms": start.elapsed().as_millis() as u64,
             }));
         }
         if let Some(v) = w.leftovers.get(backend.name()) {

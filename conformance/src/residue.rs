@@ -130,33 +130,20 @@ impl ProcInfo {
     }
 }
 
-/// Every process on the host except this one.
+/// Every process on the host except this one (contents read only for processes newer than the
+/// audit window's baseline: older ones cannot be a cell's, see [`crate::audit::processes_since`]).
 pub fn processes() -> Vec<ProcInfo> {
-    let me = std::process::id();
-    let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for e in rd.flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let Some(stat) = read_bytes(format!("/proc/{pid}/stat")) else {
-            continue; // gone meanwhile
-        };
-        let (state, ppid) = parse_stat(&stat).unwrap_or(('?', 0));
-        out.push(ProcInfo {
-            pid,
-            ppid,
-            state,
-            cmdline: read_bytes(format!("/proc/{pid}/cmdline")).unwrap_or_default(),
-            environ: read_bytes(format!("/proc/{pid}/environ")).unwrap_or_default(),
-        });
-    }
-    out
+    let baseline = crate::audit::window().baseline();
+    crate::audit::processes_since(baseline.as_deref().map(|b| &b.procs))
+        .into_iter()
+        .map(|p| ProcInfo {
+            pid: p.pid,
+            ppid: p.ppid,
+            state: p.state,
+            cmdline: p.cmdline,
+            environ: p.environ,
+        })
+        .collect()
 }
 
 /// `(state, ppid)` from `/proc/<pid>/stat`; the comm field may hold spaces and parentheses.
@@ -211,9 +198,21 @@ pub fn parse_mountinfo_line(line: &str) -> Option<(&str, &str)> {
 
 /// Everything of `scope` still on the host. `fds_before` is [`own_fds`] taken before the scenario.
 pub fn scan(scope: &Scope, fds_before: &BTreeMap<i32, PathBuf>) -> Vec<Leak> {
+    scan_procs(scope, fds_before, processes())
+}
+
+/// [`scan`] over a process list already read.
+pub fn scan_procs(
+    scope: &Scope,
+    fds_before: &BTreeMap<i32, PathBuf>,
+    procs: Vec<ProcInfo>,
+) -> Vec<Leak> {
     let mut leaks = Vec::new();
     let fp = &scope.footprint;
-    for (p, marker) in marked_processes(&scope.env_markers, &fp.process_markers) {
+    let marked = procs.into_iter().filter_map(|p| {
+        process_marker(&p, &scope.env_markers, &fp.process_markers).map(|m| (p, m))
+    });
+    for (p, marker) in marked {
         leaks.push(Leak::Process {
             pid: p.pid,
             cmdline: p.cmdline_lossy(),
