@@ -36,7 +36,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use error::{CellError, ResourceKind, Retry};
-pub use spec::{AdmittedCell, CellDocument, EnvVar, Limits};
+pub use spec::{AdmittedCell, CellDocument, EnvVar, Limits, OpenFiles, DEFAULT_OPEN_FILES};
 
 /// Where the probe fixture sits inside every cell's root (fixture rootfs, initramfs).
 pub const PROBE_PATH: &str = "/usr/bin/cellcheck-probe";
@@ -68,10 +68,31 @@ pub enum Capability {
     /// The cell's hostname is its id, truncated to its first 64 bytes
     /// ([`AdmittedCell::hostname`]).
     Hostname,
+    /// The workload holds no Linux capability: effective, permitted, inheritable, bounding and
+    /// ambient sets are all empty.
+    DropCapabilities,
+    /// The workload runs with no_new_privs set.
+    NoNewPrivs,
+    /// A seccomp filter (mode 2) refuses the dangerous syscalls (mount, unshare of user or mount
+    /// namespaces, keyctl, kexec, module loading, bpf, ptrace, reboot, syslog, ...).
+    Seccomp,
+    /// The root filesystem is read-only.
+    ReadonlyRoot,
+    /// `/proc`'s kernel interfaces are masked, and `/proc/sys`, `/proc/bus`, `/proc/fs`,
+    /// `/proc/irq` and `/sys` are read-only.
+    ProcMasking,
+    /// `/dev` holds only the standard nodes and mknod is refused.
+    MinimalDev,
+    /// The cgroup tree the workload sees is its own (a cgroup namespace) or none at all.
+    CgroupIsolation,
+    /// `limits.openFiles` (or its documented default) is applied exactly.
+    Rlimits,
+    /// `limits.cpuMax` is enforced.
+    CpuLimit,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 11] = [
+    pub const ALL: [Capability; 20] = [
         Capability::Exec,
         Capability::HostPid,
         Capability::Snapshot,
@@ -83,6 +104,15 @@ impl Capability {
         Capability::NetworkIsolation,
         Capability::PidIsolation,
         Capability::Hostname,
+        Capability::DropCapabilities,
+        Capability::NoNewPrivs,
+        Capability::Seccomp,
+        Capability::ReadonlyRoot,
+        Capability::ProcMasking,
+        Capability::MinimalDev,
+        Capability::CgroupIsolation,
+        Capability::Rlimits,
+        Capability::CpuLimit,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -98,6 +128,15 @@ impl Capability {
             Capability::NetworkIsolation => "network_isolation",
             Capability::PidIsolation => "pid_isolation",
             Capability::Hostname => "hostname",
+            Capability::DropCapabilities => "drop_capabilities",
+            Capability::NoNewPrivs => "no_new_privs",
+            Capability::Seccomp => "seccomp",
+            Capability::ReadonlyRoot => "readonly_root",
+            Capability::ProcMasking => "proc_masking",
+            Capability::MinimalDev => "minimal_dev",
+            Capability::CgroupIsolation => "cgroup_isolation",
+            Capability::Rlimits => "rlimits",
+            Capability::CpuLimit => "cpu_limit",
         }
     }
 }

@@ -68,7 +68,28 @@ pub struct Limits {
     /// Most processes (tasks) the cell may hold at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u64>,
+    /// `RLIMIT_NOFILE` of the workload; [`DEFAULT_OPEN_FILES`] when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<OpenFiles>,
 }
+
+/// A soft and a hard limit on open files (`RLIMIT_NOFILE`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenFiles {
+    pub soft: u64,
+    pub hard: u64,
+}
+
+/// What a workload gets when the document declares no `limits.openFiles`: a soft limit below the
+/// hard one, so a runtime that silently raises soft to hard is seen.
+pub const DEFAULT_OPEN_FILES: OpenFiles = OpenFiles {
+    soft: 1024,
+    hard: 4096,
+};
+
+/// The largest `openFiles.hard` admitted: the kernel's default `fs.nr_open`.
+pub const MAX_OPEN_FILES: u64 = 1 << 20;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -141,6 +162,10 @@ impl AdmittedCell {
     }
     pub fn limits(&self) -> Limits {
         self.doc.spec.run.limits.clone().unwrap_or_default()
+    }
+    /// The workload's `RLIMIT_NOFILE`: declared, else [`DEFAULT_OPEN_FILES`].
+    pub fn open_files(&self) -> OpenFiles {
+        self.limits().open_files.unwrap_or(DEFAULT_OPEN_FILES)
     }
     pub fn ttl_seconds(&self) -> Option<u64> {
         self.doc.spec.lifetime.map(|l| l.ttl_seconds)
@@ -323,6 +348,21 @@ impl CellDocument {
                     "must be greater than zero",
                 ));
             }
+            if let Some(o) = l.open_files {
+                // Below 3 not even stdio fits; above nr_open the kernel refuses setrlimit.
+                if !(3..=MAX_OPEN_FILES).contains(&o.hard) {
+                    return Err(CellError::invalid(
+                        "spec.run.limits.openFiles.hard",
+                        format!("must be between 3 and {MAX_OPEN_FILES}"),
+                    ));
+                }
+                if !(3..=o.hard).contains(&o.soft) {
+                    return Err(CellError::invalid(
+                        "spec.run.limits.openFiles.soft",
+                        "must be at least 3 and at most the hard limit",
+                    ));
+                }
+            }
             if let Some(c) = l.cpu_max {
                 if c.period == 0 || c.quota == 0 {
                     return Err(CellError::invalid(
@@ -457,6 +497,24 @@ mod tests {
             ..Limits::default()
         });
         assert_eq!(field_of(&d), "spec.run.limits.memoryMaxBytes");
+        let open = |soft, hard| {
+            base.clone().with_limits(Limits {
+                open_files: Some(OpenFiles { soft, hard }),
+                ..Limits::default()
+            })
+        };
+        assert_eq!(field_of(&open(10, 5)), "spec.run.limits.openFiles.soft");
+        assert_eq!(field_of(&open(2, 5)), "spec.run.limits.openFiles.soft");
+        assert_eq!(field_of(&open(3, 2)), "spec.run.limits.openFiles.hard");
+        assert_eq!(
+            field_of(&open(3, MAX_OPEN_FILES + 1)),
+            "spec.run.limits.openFiles.hard"
+        );
+        assert_eq!(
+            open(64, 64).admit().unwrap().open_files(),
+            OpenFiles { soft: 64, hard: 64 }
+        );
+        assert_eq!(base.admit().unwrap().open_files(), DEFAULT_OPEN_FILES);
         let mut d = base.clone();
         d.api_version = "v0".into();
         assert_eq!(field_of(&d), "apiVersion");

@@ -228,6 +228,7 @@ mod tests {
                     period: 100_000,
                 }),
                 pids_max: Some(32),
+                open_files: None,
             })
             .admit()
             .unwrap();

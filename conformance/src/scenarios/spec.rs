@@ -191,6 +191,7 @@ fn doc_strategy(base: String) -> impl Strategy<Value = CellDocument> {
                 memory_max_bytes: m,
                 pids_max: p,
                 cpu_max: c.map(|(quota, period)| CpuMax { quota, period }),
+                ..Limits::default()
             });
             d
         })
