@@ -40,6 +40,12 @@ pub struct Config {
     pub binds: Vec<Bind>,
     /// `exec` mode: host pid of a process whose namespaces the command joins.
     pub target_pid: u32,
+    /// `RLIMIT_NOFILE` (soft, hard) of the workload or command; unchanged when `None`.
+    pub nofile: Option<(u64, u64)>,
+    /// Keep capabilities, skip no_new_privs, the seccomp filter and the cgroup namespace: only
+    /// for a cell that itself runs cells (nested), which its backend's configuration must ask for.
+    /// Masked `/proc` paths, a read-only root and `/sys` still apply.
+    pub privileged: bool,
 }
 
 /// One status line from the init.
@@ -151,6 +157,12 @@ impl Config {
             put(&["bind", &b.source, &b.target, ro])?;
         }
         put(&["target", &self.target_pid.to_string()])?;
+        if let Some((soft, hard)) = self.nofile {
+            put(&["nofile", &soft.to_string(), &hard.to_string()])?;
+        }
+        if self.privileged {
+            put(&["privileged", "1"])?;
+        }
         Ok(out)
     }
 
@@ -194,6 +206,15 @@ impl Config {
                         .parse()
                         .map_err(|e| DecodeError(format!("target: {e}")))?
                 }
+                "nofile" => {
+                    let mut n = || -> Result<u64, DecodeError> {
+                        next(&mut fields, tag)?
+                            .parse()
+                            .map_err(|e| DecodeError(format!("nofile: {e}")))
+                    };
+                    c.nofile = Some((n()?, n()?));
+                }
+                "privileged" => c.privileged = next(&mut fields, tag)? == "1",
                 other => return Err(DecodeError(format!("unknown field {other:?}"))),
             }
         }
@@ -223,8 +244,15 @@ mod tests {
                 readonly: false,
             }],
             target_pid: 42,
+            nofile: Some((200, 300)),
+            privileged: true,
         };
         assert_eq!(Config::decode(&c.encode().unwrap()).unwrap(), c);
+        let plain = Config {
+            argv: vec!["/bin/true".into()],
+            ..Config::default()
+        };
+        assert_eq!(Config::decode(&plain.encode().unwrap()).unwrap(), plain);
     }
 
     #[test]

@@ -8,10 +8,15 @@
 //!   fd 3, forks pid 1 of the cell, reports pid 1's host pid and waits for it. Pid 1 assembles the
 //!   root (read-only rootfs, proc, a minimal /dev, tmpfs /tmp and /run, read-only sysfs, extra
 //!   binds), pivots into it, sets the hostname, brings `lo` up, and forks the workload with exactly
-//!   the declared env and fds 0, 1, 2. It forwards SIGTERM/SIGINT/SIGHUP to the workload, reaps
-//!   orphans, reports how the workload ended and exits, which kills whatever is left in the cell.
+//!   the declared env and fds 0, 1, 2. Unless the cell is privileged (a nested cell's outer
+//!   layer), pid 1 first enters a cgroup namespace rooted at the cell's cgroups; `/proc` always gets
+//!   masked and read-only paths, and the workload execs with RLIMIT_NOFILE as declared, no
+//!   capability in any set, no_new_privs and a seccomp filter (see `harden`). It forwards
+//!   SIGTERM/SIGINT/SIGHUP to the workload, reaps orphans, reports how the workload ended and
+//!   exits, which kills whatever is left in the cell.
 //! - `cellcheck-host-init exec <state-dir> <name>`: joins the namespaces of a live cell and runs
-//!   one command there with the same hygiene, reporting its start and end.
+//!   one command there (cgroup namespace included) with the same hygiene and hardening, reporting
+//!   its start and end.
 //!
 //! The workload is never pid 1: pid 1 ignores signals it has no handler for, so a workload that
 //! kills itself with SIGTERM would survive.
@@ -22,6 +27,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
 use cellcheck_host_init::{Config, Status, STATUS_FD, SYNC_FD};
+
+mod harden;
 
 fn main() {
     // Whatever the starter leaked (beyond stdio and our two pipes) must not reach the cell.
@@ -236,6 +243,62 @@ fn ensure_mount_point(source: &Path, target: &Path) -> Result<(), Failure> {
     })
 }
 
+/// `/proc` entries that leak host facts or drive the kernel: files read as /dev/null,
+/// directories as an empty read-only tmpfs.
+const MASKED: &[&str] = &[
+    "kcore",
+    "keys",
+    "kmsg",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "latency_stats",
+    "acpi",
+    "asound",
+    "scsi",
+];
+
+/// `/proc` trees that stay visible but read-only: kernel tunables and the sysrq trigger.
+const READONLY: &[&str] = &["sys", "bus", "fs", "irq", "sysrq-trigger"];
+
+fn mask_proc(proc: &Path, nodev: libc::c_ulong) -> Result<(), Failure> {
+    for name in MASKED {
+        let p = proc.join(name);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => mount(
+                Some("tmpfs"),
+                &p,
+                Some("tmpfs"),
+                nodev | libc::MS_RDONLY,
+                None,
+            )?,
+            Ok(_) => bind(Path::new("/dev/null"), &p, true)?,
+            Err(_) => {}
+        }
+    }
+    for name in READONLY {
+        let p = proc.join(name);
+        if p.exists() {
+            mount(
+                Some(&p.to_string_lossy()),
+                &p,
+                None,
+                libc::MS_BIND | libc::MS_REC,
+                None,
+            )?;
+            // A bind remount keeps proc's nosuid/nodev/noexec only if they are asked for again.
+            mount(
+                None,
+                &p,
+                None,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | nodev,
+                None,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 fn build_root(cfg: &Config) -> Result<(), Failure> {
     let root = Path::new(&cfg.newroot);
     // Nothing we mount may propagate back to the host.
@@ -249,6 +312,7 @@ fn build_root(cfg: &Config) -> Result<(), Failure> {
     bind(Path::new(&cfg.rootfs), root, true)?;
     let nodev = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("proc"), &root.join("proc"), Some("proc"), nodev, None)?;
+    mask_proc(&root.join("proc"), nodev)?;
     let dev = root.join("dev");
     mount(
         Some("tmpfs"),
@@ -374,6 +438,11 @@ const FORWARDED: [i32; 3] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP];
 fn pid1(cfg: &Config) -> Result<i32, Failure> {
     // SAFETY: if the outer init is killed, the cell must die with it.
     unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) };
+    // The backend has moved us into the cell's cgroups: from here on they are the cell's `/`.
+    // SAFETY: a plain syscall on this single-threaded process.
+    if !cfg.privileged && unsafe { libc::unshare(libc::CLONE_NEWCGROUP) } != 0 {
+        return Err(fail("setup", "cgroup namespace"));
+    }
     build_root(cfg)?;
     let host = cstr(&cfg.hostname);
     // SAFETY: valid buffer and length.
@@ -500,6 +569,15 @@ fn spawn_workload(
     envp_p.push(std::ptr::null());
     let cands = candidates(cfg);
     let cwd = cstr(if cfg.cwd.is_empty() { "/" } else { &cfg.cwd });
+    let filters = if cfg.privileged {
+        Vec::new()
+    } else {
+        harden::filters().map_err(|m| ("setup", libc::EINVAL, m))?
+    };
+    let nofile = cfg.nofile.map(|(soft, hard)| libc::rlimit {
+        rlim_cur: soft,
+        rlim_max: hard,
+    });
     let mut p = [0i32; 2];
     // SAFETY: creating a pipe into a local array.
     if unsafe { libc::pipe2(p.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -564,6 +642,16 @@ fn spawn_workload(
                     libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
                 }
             }
+            if let Some(rl) = &nofile {
+                if libc::setrlimit(libc::RLIMIT_NOFILE, rl) != 0 {
+                    tell(b'R', errno());
+                }
+            }
+            if !cfg.privileged {
+                if let Err(e) = harden::drop_privileges(&filters) {
+                    tell(b'H', e);
+                }
+            }
             let mut last = libc::ENOENT;
             for c in &cands {
                 libc::execve(c.as_ptr(), argv_p.as_ptr(), envp_p.as_ptr());
@@ -623,10 +711,19 @@ fn spawn_workload(
     unsafe { libc::waitpid(pid, &mut st, 0) };
     let e = i32::from_ne_bytes([buf[1], buf[2], buf[3], buf[4]]);
     let msg = std::io::Error::from_raw_os_error(e);
-    Err(if buf[0] == b'C' {
-        ("cwd", e, format!("chdir {}: {msg}", cfg.cwd))
-    } else {
-        ("program", e, format!("exec {}: {msg}", cfg.argv[0]))
+    Err(match buf[0] {
+        b'C' => ("cwd", e, format!("chdir {}: {msg}", cfg.cwd)),
+        b'R' => (
+            "setup",
+            e,
+            format!("setrlimit RLIMIT_NOFILE {:?}: {msg}", cfg.nofile),
+        ),
+        b'H' => (
+            "setup",
+            e,
+            format!("dropping privileges before exec: {msg}"),
+        ),
+        _ => ("program", e, format!("exec {}: {msg}", cfg.argv[0])),
     })
 }
 
@@ -647,7 +744,8 @@ fn exec_inner(state_dir: &str, name: &str) -> Result<i32, Failure> {
     let cfg = read_config(state_dir, name)?;
     // Open every namespace first: after joining the mount namespace, /proc is the cell's.
     let mut fds = Vec::new();
-    for ns in ["ipc", "uts", "net", "pid", "mnt"] {
+    // The cgroup namespace before the mount namespace, like the rest: its path is the host's.
+    for ns in ["ipc", "uts", "net", "pid", "cgroup", "mnt"] {
         let p = cstr(format!("/proc/{}/ns/{ns}", cfg.target_pid));
         // SAFETY: opening a valid path.
         let fd = unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };

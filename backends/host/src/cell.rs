@@ -46,6 +46,10 @@ pub(crate) struct Cell {
     pub(crate) dirs: Vec<CellDir>,
     pub(crate) created: Instant,
     pub(crate) timeout_ms: Option<u64>,
+    /// RLIMIT_NOFILE (soft, hard), for the workload and every exec.
+    pub(crate) nofile: (u64, u64),
+    /// [`crate::HostConfig::privileged`] when the cell was made; execs get the same.
+    pub(crate) privileged: bool,
     /// Pid 1 of the cell, as a host pid (exec joins its namespaces).
     pub(crate) pid1: u32,
     pub(crate) host_pid: Option<u32>,

@@ -46,6 +46,8 @@ fn start(
             .collect(),
         cwd: "/".into(),
         target_pid: cell.pid1,
+        nofile: Some(cell.nofile),
+        privileged: cell.privileged,
         ..Config::default()
     };
     let bytes = cfg

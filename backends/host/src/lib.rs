@@ -95,6 +95,9 @@ pub struct HostConfig {
     pub name: String,
     /// The cgroup filesystem root.
     pub cgroup_root: PathBuf,
+    /// Cells keep their capabilities and run without no_new_privs, seccomp filter and cgroup
+    /// namespace. Only for cells that run cells themselves (nested); never the default.
+    pub privileged: bool,
 }
 
 fn instance_id() -> String {
@@ -110,6 +113,7 @@ impl HostConfig {
             extra_binds: Vec::new(),
             name: "host".into(),
             cgroup_root: PathBuf::from("/sys/fs/cgroup"),
+            privileged: false,
         }
     }
 

@@ -41,6 +41,8 @@ impl Inner {
                     dirs,
                     created: Instant::now(),
                     timeout_ms: cell.timeout_ms(),
+                    nofile: (cell.open_files().soft, cell.open_files().hard),
+                    privileged: self.cfg.privileged,
                     pid1,
                     host_pid,
                     shared,
@@ -183,6 +185,8 @@ impl Inner {
                 })
                 .collect(),
             target_pid: 0,
+            nofile: Some((cell.open_files().soft, cell.open_files().hard)),
+            privileged: self.cfg.privileged,
         }
     }
 }

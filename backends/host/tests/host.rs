@@ -449,6 +449,8 @@ async fn extra_binds_support_nested_cells() {
     }
     let fx = cellcheck_fixtures::ensure().unwrap();
     let mut cfg = HostConfig::from_fixtures(&fx);
+    // Namespaces inside a cell need what a hardened cell refuses.
+    cfg.privileged = true;
     cfg.extra_binds = vec![
         BindMount {
             source: "/sys/fs/cgroup".into(),

@@ -204,6 +204,9 @@ impl NestedBackend {
         let root = PathBuf::from("/run/cellcheck/nested").join(&instance);
         let mut cfg = HostConfig::from_fixtures(fx);
         cfg.name = "nested-outer".into();
+        // The outer cell runs the inner backend, which needs mounts, namespaces and cgroups; the
+        // inner cells, where workloads run, get the full hardening from the inner host-init.
+        cfg.privileged = true;
         cfg.extra_binds = vec![
             BindMount {
                 source: "/sys/fs/cgroup".into(),

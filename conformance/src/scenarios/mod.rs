@@ -4,6 +4,7 @@
 use crate::harness::Scenario;
 
 pub mod exit;
+pub mod hardening;
 pub mod isolation;
 pub mod lifecycle;
 pub mod limits;
@@ -37,6 +38,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(limits::scenarios());
     v.extend(snapshot::scenarios());
     v.extend(pause::scenarios());
+    v.extend(hardening::scenarios());
     v
 }
 
