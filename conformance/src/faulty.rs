@@ -53,6 +53,47 @@ pub enum Fault {
     SecretToFile,
     /// Create writes a file into the shared fixture rootfs.
     WriteSharedRootfs,
+    /// Admission too strict: ids over 64 bytes and non-ASCII argv or env values are refused.
+    AdmissionTooStrict,
+    /// Admission too lax: a timeout over the TTL, a zero TTL or a duplicate env name is "repaired"
+    /// and the cell created.
+    AdmissionTooLax,
+    /// A wrapper shell folds exit codes: a real exit 129..=192 is reported as death by signal N-128.
+    FoldExitAsSignal,
+    /// The reverse: death by signal N is reported as exit 128+N.
+    FoldSignalAsExit,
+    /// Captured output goes through a lossy UTF-8 conversion.
+    MangleOutput,
+    /// stderr is appended to stdout (one pipe for both).
+    MergeStreams,
+    /// A second wait returns the termination but empty captures.
+    ForgetOutputOnRewait,
+    /// `timeoutMs` is enforced only while someone waits.
+    TimeoutOnlyWhileWaiting,
+    /// A document with a timeout loses its TTL (one field overwrites the other).
+    TtlDroppedWithTimeout,
+    /// With several cells live, `wait` answers with the report of the cell created before.
+    CrossTalk,
+    /// Exec gets the harness's ambient canary var too.
+    ExecAmbientEnv,
+    /// Exec gets an extra fd 7.
+    ExecLeaksFd,
+    /// Exec reports exit code + 1 and any death by signal as SIGKILL.
+    ExecMisreportEnd,
+    /// Concurrent execs share one report slot: each gets the previous exec's report.
+    ExecSharedReport,
+    /// Exec's own timeout is ignored.
+    ExecIgnoresTimeout,
+    /// Exec into a cell whose workload ended is an untyped backend failure.
+    ExecAfterEndUntyped,
+    /// Pause and resume answer Ok and do nothing.
+    PauseNoop,
+    /// `run.workingDirectory` is dropped: every workload starts at `/`.
+    IgnoreWorkingDirectory,
+    /// `capabilities()` drops Snapshot on every other call.
+    CapabilitiesUnstable,
+    /// Pause is declared unsupported, and calling it is an untyped backend failure.
+    UnsupportedUntyped,
 }
 
 /// Something an undeclared fault made, to be removed by [`FaultyBackend::cleanup`].
@@ -74,6 +115,16 @@ pub struct FaultyBackend {
     late: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     destroyed: Mutex<BTreeSet<String>>,
     created: Mutex<Vec<String>>,
+    /// [`Fault::TimeoutOnlyWhileWaiting`]: each cell's deadline, enforced by `wait` only.
+    deadlines: Mutex<BTreeMap<String, (std::time::Instant, u64)>>,
+    /// [`Fault::TimeoutOnlyWhileWaiting`]: cells the fault killed at their deadline.
+    timed_out: Mutex<BTreeSet<String>>,
+    /// [`Fault::ForgetOutputOnRewait`]: cells waited once.
+    waited: Mutex<BTreeSet<String>>,
+    /// [`Fault::ExecSharedReport`]: the one report slot.
+    exec_slot: Mutex<Option<ExitReport>>,
+    /// [`Fault::CapabilitiesUnstable`]: calls so far.
+    calls: std::sync::atomic::AtomicUsize,
 }
 
 impl FaultyBackend {
@@ -88,6 +139,11 @@ impl FaultyBackend {
             late: Mutex::new(Vec::new()),
             destroyed: Mutex::new(BTreeSet::new()),
             created: Mutex::new(Vec::new()),
+            deadlines: Mutex::new(BTreeMap::new()),
+            timed_out: Mutex::new(BTreeSet::new()),
+            waited: Mutex::new(BTreeSet::new()),
+            exec_slot: Mutex::new(None),
+            calls: std::sync::atomic::AtomicUsize::new(0),
         }
     }
 
@@ -281,9 +337,69 @@ impl FaultyBackend {
                 argv.append(&mut d.spec.run.argv);
                 d.spec.run.argv = argv;
             }
+            Fault::AdmissionTooLax => {
+                let run = &mut d.spec.run;
+                let mut seen = BTreeSet::new();
+                run.env.retain(|e| seen.insert(e.name.clone()));
+                let over = match (d.spec.lifetime, run.timeout_ms) {
+                    (Some(l), _) if l.ttl_seconds == 0 => true,
+                    (Some(l), Some(t)) => t > l.ttl_seconds.saturating_mul(1000),
+                    _ => false,
+                };
+                if over {
+                    d.spec.lifetime = None;
+                }
+            }
+            Fault::TimeoutOnlyWhileWaiting => d.spec.run.timeout_ms = None,
+            Fault::IgnoreWorkingDirectory => d.spec.run.working_directory = None,
+            Fault::TtlDroppedWithTimeout if d.spec.run.timeout_ms.is_some() => {
+                d.spec.lifetime = None
+            }
             _ => {}
         }
         d
+    }
+
+    /// [`Fault::AdmissionTooStrict`]'s extra refusals.
+    fn too_strict(doc: &CellDocument) -> Result<(), CellError> {
+        if doc.spec.id.len() > 64 {
+            return Err(CellError::invalid("spec.id", "longer than 64 characters"));
+        }
+        if let Some(i) = doc.spec.run.argv.iter().position(|a| !a.is_ascii()) {
+            return Err(CellError::invalid(
+                format!("spec.run.argv[{i}]"),
+                "not ASCII",
+            ));
+        }
+        if let Some(i) = doc.spec.run.env.iter().position(|e| !e.value.is_ascii()) {
+            return Err(CellError::invalid(
+                format!("spec.run.env[{i}].value"),
+                "not ASCII",
+            ));
+        }
+        Ok(())
+    }
+
+    fn fold(&self, r: &mut ExitReport) {
+        match (self.fault, r.termination) {
+            (Fault::FoldExitAsSignal, Termination::Exited { code })
+                if (129..=192).contains(&code) =>
+            {
+                r.termination = Termination::Signaled { signal: code - 128 }
+            }
+            (Fault::FoldSignalAsExit, Termination::Signaled { signal }) => {
+                r.termination = Termination::Exited { code: 128 + signal }
+            }
+            (Fault::MangleOutput, _) => {
+                r.stdout = String::from_utf8_lossy(&r.stdout).into_owned().into_bytes();
+                r.stderr = String::from_utf8_lossy(&r.stderr).into_owned().into_bytes();
+            }
+            (Fault::MergeStreams, _) => {
+                let err = std::mem::take(&mut r.stderr);
+                r.stdout.extend(err);
+            }
+            _ => {}
+        }
     }
 }
 
@@ -294,7 +410,21 @@ impl Backend for FaultyBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        self.inner.capabilities()
+        let caps = self.inner.capabilities();
+        match self.fault {
+            Fault::CapabilitiesUnstable
+                if self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst) % 2 == 1 =>
+            {
+                caps.without(
+                    cellcheck_contract::Capability::Snapshot,
+                    "faulty: flaky answer",
+                )
+            }
+            Fault::UnsupportedUntyped => {
+                caps.without(cellcheck_contract::Capability::Pause, "faulty: not offered")
+            }
+            _ => caps,
+        }
     }
 
     async fn preflight(&self) -> Availability {
@@ -308,8 +438,17 @@ impl Backend for FaultyBackend {
     }
 
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
+        if self.fault == Fault::AdmissionTooStrict {
+            Self::too_strict(doc)?;
+        }
         let h = self.inner.create(&self.wrap(doc)).await?;
         let id = &doc.spec.id;
+        if let (Fault::TimeoutOnlyWhileWaiting, Some(t)) = (self.fault, doc.spec.run.timeout_ms) {
+            self.deadlines
+                .lock()
+                .unwrap()
+                .insert(id.clone(), (std::time::Instant::now(), t));
+        }
         self.destroyed.lock().unwrap().remove(id);
         self.created.lock().unwrap().push(id.clone());
         match self.fault {
@@ -341,11 +480,48 @@ impl Backend for FaultyBackend {
         if self.fault == Fault::HangOnWait {
             std::future::pending::<()>().await;
         }
-        let mut r = self.inner.wait(id).await?;
+        let target = match self.fault {
+            // The cell created just before this one, if it is still around.
+            Fault::CrossTalk => {
+                let created = self.created.lock().unwrap().clone();
+                let gone = self.destroyed.lock().unwrap().clone();
+                let pos = created.iter().rposition(|c| c == id);
+                pos.and_then(|p| created[..p].iter().rev().find(|c| !gone.contains(*c)))
+                    .cloned()
+                    .unwrap_or_else(|| id.to_string())
+            }
+            _ => id.to_string(),
+        };
+        if self.fault == Fault::TimeoutOnlyWhileWaiting {
+            if self.timed_out.lock().unwrap().contains(id) {
+                return Err(CellError::DeadlineExceeded { after_ms: 0 });
+            }
+            let dl = self.deadlines.lock().unwrap().get(id).copied();
+            if let Some((start, ms)) = dl {
+                let left = std::time::Duration::from_millis(ms).saturating_sub(start.elapsed());
+                match tokio::time::timeout(left, self.inner.wait(id)).await {
+                    Ok(r) => return r,
+                    Err(_) => {
+                        // Killed only now, because someone waited.
+                        let _ = self.inner.destroy(id).await;
+                        self.timed_out.lock().unwrap().insert(id.to_string());
+                        return Err(CellError::DeadlineExceeded { after_ms: ms });
+                    }
+                }
+            }
+        }
+        let mut r = self.inner.wait(&target).await?;
         if self.fault == Fault::MisreportExit {
             if let Termination::Exited { code } = r.termination {
                 r.termination = Termination::Exited { code: code + 1 };
             }
+        }
+        self.fold(&mut r);
+        if self.fault == Fault::ForgetOutputOnRewait
+            && !self.waited.lock().unwrap().insert(id.to_string())
+        {
+            r.stdout.clear();
+            r.stderr.clear();
         }
         Ok(r)
     }
@@ -368,9 +544,24 @@ impl Backend for FaultyBackend {
                 remaining_cells: 0,
             });
         }
-        let r = self.inner.destroy(id).await;
+        if self.fault == Fault::TimeoutOnlyWhileWaiting && self.timed_out.lock().unwrap().remove(id)
+        {
+            self.destroyed.lock().unwrap().insert(id.to_string());
+            return Ok(TeardownReport {
+                id: id.to_string(),
+                killed_running: true,
+                remaining_cells: self.inner.list().await.len(),
+            });
+        }
+        let mut r = self.inner.destroy(id).await;
         if r.is_ok() {
             self.destroyed.lock().unwrap().insert(id.to_string());
+        }
+        if let (Fault::CrossTalk, Ok(t)) = (self.fault, &mut r) {
+            // Teardown reports are mixed up the same way: the newest cell's id.
+            if let Some(last) = self.created.lock().unwrap().last() {
+                t.id = last.clone();
+            }
         }
         r
     }
@@ -385,8 +576,47 @@ impl Backend for FaultyBackend {
         f
     }
 
-    async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
-        self.inner.exec(id, req).await
+    async fn exec(&self, id: &str, mut req: ExecRequest) -> Result<ExitReport, CellError> {
+        match self.fault {
+            Fault::ExecAmbientEnv => {
+                let c = canary();
+                req.env.push(cellcheck_contract::EnvVar {
+                    name: c.name.clone(),
+                    value: c.value.clone(),
+                });
+            }
+            Fault::ExecLeaksFd => {
+                let mut argv = vec![
+                    "/bin/sh".to_string(),
+                    "-c".to_string(),
+                    "exec 7</dev/null; exec \"$@\"".to_string(),
+                    "sh".to_string(),
+                ];
+                argv.append(&mut req.argv);
+                req.argv = argv;
+            }
+            Fault::ExecIgnoresTimeout => req.timeout_ms = None,
+            _ => {}
+        }
+        let r = self.inner.exec(id, req).await;
+        match (self.fault, r) {
+            (Fault::ExecMisreportEnd, Ok(mut rep)) => {
+                rep.termination = match rep.termination {
+                    Termination::Exited { code } => Termination::Exited { code: code + 1 },
+                    Termination::Signaled { .. } => Termination::Signaled { signal: 9 },
+                    t => t,
+                };
+                Ok(rep)
+            }
+            (Fault::ExecSharedReport, Ok(rep)) => {
+                let prev = self.exec_slot.lock().unwrap().replace(rep.clone());
+                Ok(prev.unwrap_or(rep))
+            }
+            (Fault::ExecAfterEndUntyped, Err(CellError::InvalidState { state, .. })) => {
+                Err(CellError::failure(format!("exec failed: {state}")))
+            }
+            (_, r) => r,
+        }
     }
 
     async fn snapshot(&self, id: &str) -> Result<SnapshotRef, CellError> {
@@ -402,10 +632,20 @@ impl Backend for FaultyBackend {
     }
 
     async fn pause(&self, id: &str) -> Result<(), CellError> {
+        match self.fault {
+            Fault::PauseNoop => return Ok(()),
+            Fault::UnsupportedUntyped => {
+                return Err(CellError::failure("pause: no freezer for this cell"))
+            }
+            _ => {}
+        }
         self.inner.pause(id).await
     }
 
     async fn resume(&self, id: &str) -> Result<(), CellError> {
+        if self.fault == Fault::PauseNoop {
+            return Ok(());
+        }
         self.inner.resume(id).await
     }
 

@@ -50,6 +50,7 @@
 //!
 //! [`Capability`]: cellcheck_contract::Capability
 
+pub mod admission;
 pub mod audit;
 pub mod expectations;
 pub mod faulty;

@@ -104,6 +104,106 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
     (Fault::WriteSharedRootfs, &["residue::after_exit"], |f| {
         made_or_missing(f, &["shared rootfs changed", "added"])
     }),
+    (
+        Fault::AdmissionTooStrict,
+        &[
+            "spec::admits_env_unicode_value",
+            "spec::admits_argv_unicode",
+        ],
+        |_| vec!["InvalidSpec".into(), "not ASCII".into()],
+    ),
+    (Fault::AdmissionTooLax, &["spec::refused_table"], |_| {
+        vec![
+            "env_duplicate: created cell".into(),
+            "timeout_over_ttl: created cell".into(),
+        ]
+    }),
+    (
+        Fault::FoldExitAsSignal,
+        &["exit::codes_126_to_192", "exit::signals_beside_codes"],
+        |_| vec!["exit 129".into(), "Signaled { signal: 1 }".into()],
+    ),
+    (
+        Fault::FoldSignalAsExit,
+        &["exit::signals_beside_codes"],
+        |_| vec!["death by signal 9".into(), "Exited { code: 137 }".into()],
+    ),
+    (Fault::MangleOutput, &["exit::output_bytes_exact"], |_| {
+        vec!["stdout bytes".into()]
+    }),
+    (
+        Fault::MergeStreams,
+        &["exit::streams_apart", "exit::output_bytes_exact"],
+        |_| vec!["stdout".into()],
+    ),
+    (Fault::ForgetOutputOnRewait, &["exit::wait_twice"], |_| {
+        vec!["second wait".into()]
+    }),
+    (
+        Fault::TimeoutOnlyWhileWaiting,
+        &["exit::timeout_unwaited"],
+        |_| vec!["still alive".into(), "while nobody waits".into()],
+    ),
+    (
+        Fault::TtlDroppedWithTimeout,
+        &["exit::timeout_with_ttl"],
+        |_| vec!["still listed".into(), "TTL is 3 s".into()],
+    ),
+    (Fault::CrossTalk, &["lifecycle::many_cells"], |_| {
+        vec!["not their own cell's".into()]
+    }),
+    (Fault::ExecAmbientEnv, &["exec::env_exact"], |_| {
+        vec![ids::canary().name.clone()]
+    }),
+    (Fault::ExecLeaksFd, &["exec::fds_only_stdio"], |_| {
+        vec!["0 1 2 7".into()]
+    }),
+    (
+        Fault::ExecMisreportEnd,
+        &["exec::codes_and_signals"],
+        |_| {
+            vec![
+                "exit 42: got Exited { code: 43 }".into(),
+                "signal 15: got".into(),
+            ]
+        },
+    ),
+    (Fault::ExecSharedReport, &["exec::concurrent"], |_| {
+        vec!["concurrent execs got wrong reports".into()]
+    }),
+    (Fault::ExecIgnoresTimeout, &["exec::timeout"], |_| {
+        vec!["expected DeadlineExceeded".into()]
+    }),
+    (
+        Fault::ExecAfterEndUntyped,
+        &["exec::after_workload_ended"],
+        |_| vec!["BackendFailure".into()],
+    ),
+    (
+        Fault::IgnoreWorkingDirectory,
+        &["isolation::working_directory"],
+        |_| vec!["expected \"/bin\"".into()],
+    ),
+    (
+        Fault::CapabilitiesUnstable,
+        &["lifecycle::capabilities_stable_and_typed"],
+        |_| vec!["capabilities changed between calls".into()],
+    ),
+    (
+        Fault::UnsupportedUntyped,
+        &["lifecycle::capabilities_stable_and_typed"],
+        |_| {
+            vec![
+                "pause is declared unsupported".into(),
+                "BackendFailure".into(),
+            ]
+        },
+    ),
+    (
+        Fault::PauseNoop,
+        &["pause::stops_the_clock_without_exec"],
+        |_| vec!["did not stop".into()],
+    ),
 ];
 
 /// What an undeclared fault made, by name, plus `also`; a needle no message has when the fault

@@ -19,6 +19,8 @@ pub fn scenarios() -> Vec<Scenario> {
         scenario!(F, "stdio_not_harness", [HostPid], stdio_not_harness),
         scenario!(F, "pids", [PidIsolation], pids),
         scenario!(F, "hostname", [Hostname], hostname),
+        scenario!(F, "hostname_long_id", [Hostname], hostname_long_id),
+        scenario!(F, "working_directory", [], working_directory),
         scenario!(F, "netifs", [NetworkIsolation], netifs),
         scenario!(F, "secret_hygiene", [], secret_hygiene),
     ]
@@ -237,16 +239,74 @@ async fn pids(ctx: Ctx) -> Result<(), Failure> {
     Ok(())
 }
 
+/// The longest hostname the kernel takes (`HOST_NAME_MAX`).
+pub const HOSTNAME_MAX: usize = 64;
+
+/// The hostname a cell gets: its id, cut to its first [`HOSTNAME_MAX`] bytes (ids are ASCII).
+pub fn expected_hostname(id: &str) -> &str {
+    &id[..id.len().min(HOSTNAME_MAX)]
+}
+
 async fn hostname(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run `hostname`");
     let (id, r) = ctx.run_probe(&["hostname"]).await?;
     check!(
         ctx,
-        r.stdout_str().trim() == id,
+        r.stdout == format!("{}\n", expected_hostname(&id)).as_bytes(),
         "hostname is {:?}, expected the cell id {id:?}",
-        r.stdout_str().trim()
+        r.stdout_str()
     );
     ctx.destroy(&id).await?;
+    Ok(())
+}
+
+/// An id of the maximum length (128) runs, and its hostname is its first 64 bytes.
+async fn hostname_long_id(ctx: Ctx) -> Result<(), Failure> {
+    let mut id = ctx.new_id();
+    id.push('-');
+    while id.len() < cellcheck_contract::spec::MAX_ID_LEN {
+        id.push('l');
+    }
+    let marker = ctx.register_id(&id, true);
+    let mut doc = CellDocument::new(&id, Ctx::probe_argv(&["hostname"]));
+    doc.spec.run.env.push(cellcheck_contract::EnvVar {
+        name: crate::ids::MARKER_VAR.into(),
+        value: marker,
+    });
+    ctx.step(format!(
+        "run `hostname` in a cell with a {}-byte id",
+        id.len()
+    ));
+    let (_, r) = ctx.run_doc(&doc).await?;
+    let want = expected_hostname(&id);
+    check!(
+        ctx,
+        r.stdout == format!("{want}\n").as_bytes(),
+        "hostname is {:?}, expected the id's first {HOSTNAME_MAX} bytes {want:?}",
+        r.stdout_str()
+    );
+    ctx.destroy(&id).await?;
+    ctx.assert_clean(&id).await
+}
+
+/// `run.workingDirectory` is where the workload starts; absent, it starts at `/`.
+async fn working_directory(ctx: Ctx) -> Result<(), Failure> {
+    for wd in [Some("/bin"), Some("/"), None] {
+        ctx.step(format!("run `report` with workingDirectory {wd:?}"));
+        let mut doc = ctx.doc(&["report"]);
+        doc.spec.run.working_directory = wd.map(String::from);
+        let (id, r) = ctx.run_doc(&doc).await?;
+        ctx.destroy(&id).await?;
+        let v: serde_json::Value = serde_json::from_slice(&r.stdout)
+            .map_err(|e| ctx.fail(format!("report is not JSON ({e}): {:?}", r.stdout_str())))?;
+        let want = wd.unwrap_or("/");
+        check!(
+            ctx,
+            v["cwd"] == want,
+            "the workload started in {}, expected {want:?}",
+            v["cwd"]
+        );
+    }
     Ok(())
 }
 

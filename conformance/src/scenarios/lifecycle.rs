@@ -10,6 +10,13 @@ const F: &str = "lifecycle";
 pub fn scenarios() -> Vec<Scenario> {
     vec![
         scenario!(F, "create_wait_destroy", [], create_wait_destroy),
+        scenario!(F, "many_cells", [], many_cells),
+        scenario!(
+            F,
+            "capabilities_stable_and_typed",
+            [],
+            capabilities_stable_and_typed
+        ),
         scenario!(F, "duplicate_live_id", [], duplicate_live_id),
         scenario!(F, "same_id_after_destroy", [], same_id_after_destroy),
         scenario!(F, "destroy_unknown", [], destroy_unknown),
@@ -249,6 +256,172 @@ async fn exec_output(ctx: Ctx) -> Result<(), Failure> {
         "exec exit: {:?}",
         r.termination
     );
+    ctx.destroy(&id).await?;
+    ctx.assert_clean(&id).await
+}
+
+/// Cells live at once in [`many_cells`].
+pub const MANY: usize = 16;
+
+/// Many live cells, each with its own output and exit code, waited in random order and destroyed
+/// concurrently: every report belongs to its own cell.
+async fn many_cells(ctx: Ctx) -> Result<(), Failure> {
+    use rand::seq::SliceRandom;
+    ctx.step(format!(
+        "create {MANY} cells ({} at a time)",
+        super::exit::PARALLEL
+    ));
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(super::exit::PARALLEL));
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..MANY {
+        let id = ctx.new_id();
+        let mut doc = ctx.doc_for(&id, &[]);
+        // Sleeps so the cells overlap; each writes its own index and id on both streams.
+        doc.spec.run.argv = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            format!(
+                "printf 'out-{i}-%s' \"$0\"; printf 'err-{i}' >&2; sleep 1; exit {}",
+                20 + i
+            ),
+            id.clone(),
+        ];
+        let (ctx, gate) = (ctx.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _slot = gate.acquire_owned().await;
+            ctx.create(&doc).await.map(|h| (i, h.id))
+        });
+    }
+    let mut ids = vec![String::new(); MANY];
+    while let Some(j) = tasks.join_next().await {
+        let (i, id) = j.map_err(|e| ctx.fail(format!("create task: {e}")))??;
+        ids[i] = id;
+    }
+    ctx.step("all of them are listed at once");
+    let listed = ctx.backend().list().await;
+    let missing: Vec<&String> = ids.iter().filter(|id| !listed.contains(id)).collect();
+    check!(
+        ctx,
+        missing.is_empty(),
+        "live cells not listed: {missing:?}"
+    );
+
+    ctx.step("wait for them in random order, concurrently");
+    let mut order: Vec<usize> = (0..MANY).collect();
+    order.shuffle(&mut rand::thread_rng());
+    let mut waits = tokio::task::JoinSet::new();
+    for i in order {
+        let (ctx, id) = (ctx.clone(), ids[i].clone());
+        waits.spawn(async move { (i, ctx.try_wait(&id).await) });
+    }
+    let mut wrong = Vec::new();
+    while let Some(j) = waits.join_next().await {
+        let (i, r) = j.map_err(|e| ctx.fail(format!("wait task: {e}")))?;
+        let want_out = format!("out-{i}-{}", ids[i]);
+        let want_err = format!("err-{i}");
+        match r {
+            Ok(r) if r.termination == (Termination::Exited { code: 20 + i as i32 })
+                && r.stdout == want_out.as_bytes()
+                && r.stderr == want_err.as_bytes() => {}
+            Ok(r) => wrong.push(format!(
+                "cell {i} ({}): {:?}, stdout {:?}, stderr {:?}; expected exit {}, {want_out:?}, {want_err:?}",
+                ids[i],
+                r.termination,
+                r.stdout_str(),
+                r.stderr_str(),
+                20 + i
+            )),
+            Err(e) => wrong.push(format!("cell {i} ({}): wait failed: {e:?}", ids[i])),
+        }
+    }
+    check!(
+        ctx,
+        wrong.is_empty(),
+        "reports that are not their own cell's:\n  {}",
+        wrong.join("\n  ")
+    );
+
+    ctx.step("destroy them all concurrently");
+    let mut destroys = tokio::task::JoinSet::new();
+    for id in ids.clone() {
+        let ctx = ctx.clone();
+        destroys.spawn(async move { (id.clone(), ctx.try_destroy(&id).await) });
+    }
+    while let Some(j) = destroys.join_next().await {
+        let (id, r) = j.map_err(|e| ctx.fail(format!("destroy task: {e}")))?;
+        match r {
+            Ok(t) if t.id == id => {}
+            Ok(t) => wrong.push(format!("destroy {id} reported cell {:?}", t.id)),
+            Err(e) => wrong.push(format!("destroy {id}: {e:?}")),
+        }
+    }
+    check!(
+        ctx,
+        wrong.is_empty(),
+        "concurrent destroys:\n  {}",
+        wrong.join("\n  ")
+    );
+    let listed = ctx.backend().list().await;
+    let left: Vec<&String> = ids.iter().filter(|id| listed.contains(id)).collect();
+    check!(
+        ctx,
+        left.is_empty(),
+        "destroyed cells still listed: {left:?}"
+    );
+    for id in &ids {
+        ctx.assert_clean(id).await?;
+    }
+    Ok(())
+}
+
+/// `capabilities()` gives the same answer every time, and an operation whose capability is
+/// unsupported answers `Unsupported` naming it (on a live cell, so nothing else can be the reason).
+async fn capabilities_stable_and_typed(ctx: Ctx) -> Result<(), Failure> {
+    use cellcheck_contract::Capability;
+    ctx.step("ask for the capabilities three times");
+    let first = ctx.caps();
+    for _ in 0..2 {
+        let again = ctx.caps();
+        check!(
+            ctx,
+            again == first,
+            "capabilities changed between calls: {first:?} then {again:?}"
+        );
+    }
+    let unsupported: Vec<Capability> = [Capability::Exec, Capability::Snapshot, Capability::Pause]
+        .into_iter()
+        .filter(|c| !first.has(*c))
+        .collect();
+    if unsupported.is_empty() {
+        return Ok(());
+    }
+    ctx.step("create a holding cell");
+    let doc = ctx.doc(&["hold"]);
+    let id = ctx.create_running(&doc).await?.id;
+    for cap in unsupported {
+        ctx.step(format!("{cap} is unsupported: call it anyway"));
+        let r = match cap {
+            Capability::Exec => ctx
+                .backend()
+                .exec(
+                    &id,
+                    cellcheck_contract::ExecRequest {
+                        argv: Ctx::probe_argv(&["exit", "0"]),
+                        env: vec![ctx.marker_env(&id)],
+                        timeout_ms: Some(10_000),
+                    },
+                )
+                .await
+                .map(|_| ()),
+            Capability::Snapshot => ctx.backend().snapshot(&id).await.map(|_| ()),
+            _ => ctx.backend().pause(&id).await,
+        };
+        check!(
+            ctx,
+            r == Err(CellError::Unsupported { capability: cap }),
+            "{cap} is declared unsupported, yet calling it gave {r:?}"
+        );
+    }
     ctx.destroy(&id).await?;
     ctx.assert_clean(&id).await
 }

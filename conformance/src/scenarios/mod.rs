@@ -3,6 +3,7 @@
 
 use crate::harness::Scenario;
 
+pub mod exec;
 pub mod exit;
 pub mod hardening;
 pub mod isolation;
@@ -39,6 +40,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(snapshot::scenarios());
     v.extend(pause::scenarios());
     v.extend(hardening::scenarios());
+    v.extend(exec::scenarios());
     v
 }
 

@@ -1,7 +1,7 @@
 //! Freeze and thaw. Exec into a paused cell should be refused with `InvalidState` (the contract's
 //! preference); a backend that serves it anyway must still not let the workload run.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use cellcheck_contract::CellError;
 
@@ -17,6 +17,12 @@ pub fn scenarios() -> Vec<Scenario> {
         scenario!(F, "exec_while_paused", [Pause, Exec], exec_while_paused),
         scenario!(F, "destroy_paused", [Pause], destroy_paused),
         scenario!(F, "unknown_cell", [Pause], unknown_cell),
+        scenario!(
+            F,
+            "stops_the_clock_without_exec",
+            [Pause],
+            stops_without_exec
+        ),
     ]
 }
 
@@ -107,5 +113,65 @@ async fn unknown_cell(ctx: Ctx) -> Result<(), Failure> {
         matches!(r, Err(CellError::NotFound { .. })),
         "resume: expected NotFound, got {r:?}"
     );
+    Ok(())
+}
+
+/// Pause seen from outside, with no exec: two cells sleep 20 × 100 ms side by side and one is
+/// paused for 2 s; a frozen loop makes no progress (on a VM the guest clock stops too), so the
+/// paused one ends about 2 s after its twin.
+async fn stops_without_exec(ctx: Ctx) -> Result<(), Failure> {
+    const PAUSE: Duration = Duration::from_secs(2);
+    // One interval of the pause may overlap a sleep already due, plus noise between the twins.
+    const SLACK: Duration = Duration::from_millis(700);
+    let sleeper = |ctx: &Ctx| {
+        let id = ctx.new_id();
+        let mut doc = ctx.doc_for(&id, &[]);
+        doc.spec.run.argv = vec![
+            "/bin/sh".into(),
+            "-c".into(),
+            "i=0; while [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; printf ticks=$i".into(),
+        ];
+        doc
+    };
+    let (paused_doc, twin_doc) = (sleeper(&ctx), sleeper(&ctx));
+    ctx.step("create two cells sleeping 20 × 100 ms");
+    let (p, t) = tokio::join!(
+        ctx.create_running(&paused_doc),
+        ctx.create_running(&twin_doc)
+    );
+    let (p, t) = (p?, t?);
+    let run = |id: String, pause_it: bool| {
+        let ctx = ctx.clone();
+        async move {
+            let start = Instant::now();
+            if pause_it {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                pause(&ctx, &id).await?;
+                tokio::time::sleep(PAUSE).await;
+                resume(&ctx, &id).await?;
+            }
+            let r = ctx.wait(&id).await?;
+            Ok::<_, Failure>((start.elapsed(), r))
+        }
+    };
+    let (pr, tr) = tokio::join!(run(p.id.clone(), true), run(t.id.clone(), false));
+    let ((p_took, p_rep), (t_took, t_rep)) = (pr?, tr?);
+    check!(
+        ctx,
+        p_rep.stdout == b"ticks=20" && t_rep.stdout == b"ticks=20",
+        "the workloads wrote {:?} and {:?}",
+        p_rep.stdout_str(),
+        t_rep.stdout_str()
+    );
+    check!(
+        ctx,
+        p_took + SLACK >= t_took + PAUSE,
+        "paused for {PAUSE:?}, the cell ended {p_took:?} after create, its unpaused twin \
+         {t_took:?}: the pause did not stop the workload"
+    );
+    for id in [p.id, t.id] {
+        ctx.destroy(&id).await?;
+        ctx.assert_clean(&id).await?;
+    }
     Ok(())
 }

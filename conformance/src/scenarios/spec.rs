@@ -1,191 +1,243 @@
-//! Admission: every refused document is a typed `InvalidSpec` naming its field, and creates nothing.
+//! Admission, in both directions: every document the rules admit is created and run, every
+//! document they refuse is a typed `InvalidSpec` naming its field, with nothing created.
+//!
+//! The boundaries come from the admission table (`fixtures/admission/table.json`, see
+//! [`crate::admission`]); a property test draws further valid and invalid documents.
 
-use std::time::Duration;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
-use cellcheck_contract::spec::{CpuMax, Lifetime};
-use cellcheck_contract::{CellDocument, CellError, Limits};
+use cellcheck_contract::spec::{Authority, CpuMax, Environment, Lifetime};
+use cellcheck_contract::{CellDocument, CellError, EnvVar, Limits, Termination, PROBE_PATH};
 use proptest::prelude::*;
 use proptest::strategy::ValueTree;
-use proptest::test_runner::{Config, TestRunner};
+use proptest::test_runner::{Config, RngAlgorithm, TestRng, TestRunner};
+use rand::rngs::StdRng;
+use rand::{Rng, RngCore, SeedableRng};
 
-use crate::harness::{Ctx, Failure, Scenario};
+use super::pattern;
+use crate::admission::{self, RunOutcome};
+use crate::harness::{Ctx, Failure, Scenario, RESIDUE_GRACE};
+use crate::ids::MARKER_VAR;
+use crate::residue::{self, Scope};
 use crate::{check, scenario};
 
 const F: &str = "spec";
 
+/// How long an admitted document's workload may take to end.
+const RUN_BOUND: Duration = Duration::from_secs(60);
+
 pub fn scenarios() -> Vec<Scenario> {
-    vec![
-        scenario!(F, "empty_id", [], |c| invalid(c, Bad::EmptyId)),
-        scenario!(F, "id_with_slash", [], |c| invalid(c, Bad::Slash)),
-        scenario!(F, "id_with_dotdot", [], |c| invalid(c, Bad::DotDot)),
-        scenario!(F, "empty_argv", [], |c| invalid(c, Bad::EmptyArgv)),
-        scenario!(F, "nul_in_argv", [], |c| invalid(c, Bad::NulArgv)),
-        scenario!(F, "env_key_with_eq", [], |c| invalid(c, Bad::EnvEq)),
-        scenario!(F, "timeout_over_ttl", [], |c| invalid(
-            c,
-            Bad::TimeoutOverTtl
-        )),
-        scenario!(F, "zero_memory_limit", [], |c| invalid(c, Bad::ZeroMemory)),
-        scenario!(F, "unknown_api_version", [], |c| invalid(
-            c,
-            Bad::ApiVersion
-        )),
-        scenario!(F, "arbitrary_documents", [], arbitrary_documents)
-            .with_timeout(Duration::from_secs(200)),
-    ]
+    let mut v = vec![scenario!(F, "refused_table", [], refused_table)];
+    v.extend(
+        admitted_names()
+            .iter()
+            .map(|name| Scenario::new(F, name, &[], |c| Box::pin(admitted(c)))),
+    );
+    let cases = property_cases() as u64;
+    // Bounded, and the bound grows with the case count (a create may take seconds on a VM).
+    v.push(
+        scenario!(F, "property_documents", [], property_documents)
+            .with_timeout(Duration::from_secs(60 + 3 * cases)),
+    );
+    v
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Bad {
-    EmptyId,
-    Slash,
-    DotDot,
-    EmptyArgv,
-    NulArgv,
-    EnvEq,
-    TimeoutOverTtl,
-    ZeroMemory,
-    ApiVersion,
+/// `admits_<case>` for every case the table admits (one trial each, so a backend's known failure
+/// names the exact boundary it misses).
+fn admitted_names() -> &'static [&'static str] {
+    static NAMES: OnceLock<Vec<&'static str>> = OnceLock::new();
+    NAMES.get_or_init(|| {
+        admission::table()
+            .cases
+            .iter()
+            .filter(|c| c.admit)
+            .map(|c| &*Box::leak(format!("admits_{}", c.name).into_boxed_str()))
+            .collect()
+    })
 }
 
-async fn invalid(ctx: Ctx, bad: Bad) -> Result<(), Failure> {
-    let base = ctx.new_id();
-    // The marker is env[0], so a bad env entry appended after it is env[1].
-    let (doc, field, check_resources) = {
-        let mut d = ctx.doc_for(&base, &["exit", "0"]);
-        let field = match bad {
-            Bad::EmptyId => {
-                d.spec.id = String::new();
-                "spec.id"
-            }
-            Bad::Slash => {
-                d.spec.id = format!("{base}/x");
-                "spec.id"
-            }
-            Bad::DotDot => {
-                d.spec.id = format!("{base}..x");
-                "spec.id"
-            }
-            Bad::EmptyArgv => {
-                d.spec.run.argv.clear();
-                "spec.run.argv"
-            }
-            Bad::NulArgv => {
-                d.spec.run.argv.push("a\0b".into());
-                "spec.run.argv[3]"
-            }
-            Bad::EnvEq => {
-                d = d.with_env("BAD=KEY", "v");
-                "spec.run.env[1].name"
-            }
-            Bad::TimeoutOverTtl => {
-                d = d.with_ttl_seconds(1).with_timeout_ms(5000);
-                "spec.run.timeoutMs"
-            }
-            Bad::ZeroMemory => {
-                d = d.with_limits(Limits {
-                    memory_max_bytes: Some(0),
-                    ..Limits::default()
-                });
-                "spec.run.limits.memoryMaxBytes"
-            }
-            Bad::ApiVersion => {
-                d.api_version = "cellcheck.dev/v0".into();
-                "apiVersion"
-            }
-        };
-        // An empty id's footprint may name the backend's shared state dir: check markers only.
-        (d, field, !matches!(bad, Bad::EmptyId))
+/// The table's document for `case`, under a fresh registered id (or the case's own), with the
+/// harness's marker appended to its env.
+fn table_doc(ctx: &Ctx, case: &admission::Case) -> Result<CellDocument, Failure> {
+    let id = if case.sets_id() {
+        None
+    } else {
+        Some(ctx.new_id())
     };
-    let id = doc.spec.id.clone();
-    if id != base {
-        // The document still declares `base`'s marker; the bad id gets its footprint checked.
-        ctx.register_id(&id, check_resources);
+    let mut doc = case
+        .document(
+            &admission::table().base,
+            id.as_deref().unwrap_or("placeholder"),
+        )
+        .map_err(|e| ctx.fail(e))?;
+    if id.is_none() {
+        // An id the table chose: registered so its marker and footprint are checked too.
+        let check_resources = !doc.spec.id.is_empty() && !doc.spec.id.contains('\0');
+        ctx.register_id(&doc.spec.id, check_resources);
     }
-    ctx.step(format!("create a document with a bad {field}"));
-    let before = ctx.backend().list().await;
-    match ctx.try_create(&doc).await {
-        Err(CellError::InvalidSpec { field: got, .. }) => {
-            check!(
-                ctx,
-                got == field,
-                "InvalidSpec names field {got:?}, expected {field:?}"
-            )
+    let marker = ctx.marker_env(&doc.spec.id);
+    doc.spec.run.env.push(marker);
+    Ok(doc)
+}
+
+async fn refused_table(ctx: Ctx) -> Result<(), Failure> {
+    let t = admission::table();
+    let mut wrong = Vec::new();
+    for case in t.cases.iter().filter(|c| !c.admit) {
+        let want = case.field.as_deref().unwrap_or_default();
+        let doc = table_doc(&ctx, case)?;
+        let id = doc.spec.id.clone();
+        ctx.step(format!("case {}: create ({})", case.name, case.why));
+        match ctx.try_create(&doc).await {
+            Err(CellError::InvalidSpec { field, .. }) if field == want => {}
+            Err(CellError::InvalidSpec { field, .. }) => wrong.push(format!(
+                "{}: InvalidSpec names {field:?}, expected {want:?}",
+                case.name
+            )),
+            Ok(h) => {
+                wrong.push(format!(
+                    "{}: created cell {:?}, expected InvalidSpec({want})",
+                    case.name, h.id
+                ));
+                ctx.destroy(&h.id).await?;
+            }
+            Err(e) => wrong.push(format!(
+                "{}: expected InvalidSpec({want}), got {e:?}",
+                case.name
+            )),
         }
-        other => return Err(ctx.fail(format!("expected InvalidSpec({field}), got {other:?}"))),
+        ctx.step(format!("case {}: nothing was created", case.name));
+        let listed = ctx.backend().list().await;
+        if listed.contains(&id) {
+            wrong.push(format!("{}: the refused id {id:?} is listed", case.name));
+        }
+        ctx.assert_clean(&id).await?;
     }
-    ctx.step("nothing was created");
-    let after = ctx.backend().list().await;
     check!(
         ctx,
-        !after.contains(&id) && !after.contains(&base),
-        "the refused cell is listed: {after:?}"
+        wrong.is_empty(),
+        "{} of {} refused documents were handled wrongly:\n  {}",
+        wrong.len(),
+        t.cases.iter().filter(|c| !c.admit).count(),
+        wrong.join("\n  ")
     );
-    let new: Vec<&String> = after
-        .iter()
-        .filter(|i| !before.contains(i) && i.contains(ctx.token()))
-        .collect();
-    check!(ctx, new.is_empty(), "cells of this trial appeared: {new:?}");
-    ctx.assert_clean(&id).await?;
-    ctx.assert_clean(&base).await
+    Ok(())
 }
 
-/// Documents with mostly-valid, sometimes-broken fields.
-fn doc_strategy(base: String) -> impl Strategy<Value = CellDocument> {
-    let id = prop_oneof![
-        4 => Just(base.clone()),
-        1 => "[A-Za-z0-9._/-]{0,6}".prop_map(move |s| format!("{base}{s}")),
-        1 => Just(String::new()),
-    ];
-    let argv0 = prop_oneof![
-        4 => Just(cellcheck_contract::PROBE_PATH.to_string()),
-        1 => Just("/bin/true".to_string()),
-        1 => Just("/nonexistent".to_string()),
-        1 => Just(String::new()),
-        1 => "[a-z/]{1,6}",
-    ];
-    let args = prop_oneof![
-        3 => Just(vec!["exit".to_string(), "3".to_string()]),
-        1 => Just(vec!["out".to_string(), "100".to_string()]),
-        1 => prop::collection::vec("[a-z0-9 \\x00]{0,5}", 0..3),
-    ];
-    let env = prop::collection::vec(("[A-Z_=\\x00]{0,4}", "[a-z =\\x00]{0,5}"), 0..3);
-    let limits = proptest::option::of((
-        proptest::option::of(prop_oneof![
-            Just(0u64),
-            Just(1u64 << 20),
-            Just(256u64 << 20)
-        ]),
-        proptest::option::of(0u64..64),
-        proptest::option::of((0u64..200_000, 0u64..2_000_000)),
+async fn admitted(ctx: Ctx) -> Result<(), Failure> {
+    let path = ctx.scenario_path();
+    let name = path.trim_start_matches("spec::admits_");
+    let case = admission::case(name).ok_or_else(|| ctx.fail(format!("no table case {name:?}")))?;
+    let doc = table_doc(&ctx, case)?;
+    let id = doc.spec.id.clone();
+    ctx.step(format!(
+        "create the admitted document {} ({})",
+        case.name, case.why
     ));
-    let api =
-        prop_oneof![9 => Just(cellcheck_contract::spec::API_VERSION.to_string()), 1 => ".{0,5}"];
-    let wd = proptest::option::of(prop_oneof![
-        Just("/".to_string()),
-        Just("/tmp".to_string()),
-        Just("rel".to_string()),
-        Just("/nonexistent".to_string())
-    ]);
-    (
-        id,
-        argv0,
-        args,
-        env,
-        proptest::option::of(0u64..4000),
-        proptest::option::of(0u64..4),
-        limits,
-        api,
-        wd,
-    )
-        .prop_map(|(id, argv0, args, env, timeout, ttl, limits, api, wd)| {
-            let mut d = CellDocument::new(id, std::iter::once(argv0).chain(args));
+    ctx.create(&doc).await?;
+    ctx.step("wait for its workload");
+    let r = tokio::time::timeout(RUN_BOUND, ctx.try_wait(&id))
+        .await
+        .map_err(|_| ctx.fail(format!("the workload did not end within {RUN_BOUND:?}")))?;
+    match (case.run, &r) {
+        (_, Ok(rep)) if rep.termination == (Termination::Exited { code: 0 }) => {}
+        (
+            RunOutcome::Exit0OrDeadline | RunOutcome::Ends,
+            Err(CellError::DeadlineExceeded { .. }),
+        ) => {}
+        (RunOutcome::Ends, Ok(_)) => {}
+        _ => {
+            return Err(ctx.fail(format!(
+                "expected the workload to {:?}, got {r:?}",
+                case.run
+            )))
+        }
+    }
+    ctx.step("destroy");
+    match ctx.try_destroy(&id).await {
+        Ok(_) => {}
+        // The document's TTL may have passed and the backend destroyed the cell itself.
+        Err(CellError::NotFound { .. }) if doc.spec.lifetime.is_some() => {}
+        Err(e) => return Err(ctx.fail(format!("destroy failed: {e:?}"))),
+    }
+    ctx.assert_clean(&id).await
+}
+
+/// `PROPTEST_CASES`, else 32.
+pub fn property_cases() -> usize {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(32)
+}
+
+/// What a valid drawn document's workload does.
+#[derive(Debug, Clone)]
+enum Expect {
+    Exit(i32),
+    /// Exits 0 after writing `pattern(n)` to stdout.
+    Out(usize),
+}
+
+/// A valid document running the probe or the shell, under `id`.
+fn valid_strategy(id: String) -> impl Strategy<Value = (CellDocument, Expect)> {
+    // Units of an optional dot and one more character never form `..`.
+    let tail = "(\\.?[A-Za-z0-9_-]){0,60}";
+    let run = prop_oneof![
+        (0i32..=255).prop_map(|k| (
+            vec![PROBE_PATH.into(), "exit".into(), k.to_string()],
+            Expect::Exit(k)
+        )),
+        (0usize..3000).prop_map(|n| (
+            vec![PROBE_PATH.into(), "out".into(), n.to_string()],
+            Expect::Out(n)
+        )),
+        (
+            (0i32..=255),
+            prop::collection::vec("[a-zé ✓日\\n\\t=]{1,8}", 0..3)
+        )
+            .prop_map(|(k, extra)| {
+                let mut argv = vec!["/bin/sh".into(), "-c".into(), format!("exit {k}")];
+                argv.extend(extra);
+                (argv, Expect::Exit(k))
+            }),
+    ];
+    let env = prop::collection::vec(
+        ("[A-Za-z_][A-Za-z0-9_.é-]{0,8}", "[a-zA-Z0-9 =é✓日-]{0,12}"),
+        0..4,
+    );
+    let wd = proptest::option::of(prop_oneof![Just("/".to_string()), Just("/bin".to_string())]);
+    // timeout ≤ ttl, both long enough never to fire.
+    let time = prop_oneof![
+        Just((None, None)),
+        (30_000u64..600_000).prop_map(|t| (Some(t), None)),
+        (60u64..100_000).prop_map(|ttl| (None, Some(ttl))),
+        (30_000u64..600_000, 0u64..1000)
+            .prop_map(|(t, extra)| (Some(t), Some(t / 1000 + 1 + extra))),
+    ];
+    let limits = proptest::option::of((
+        proptest::option::of(64u64 << 20..=8u64 << 30),
+        proptest::option::of(64u64..=4096),
+        proptest::option::of((10_000u64..=400_000, 10_000u64..=1_000_000)),
+    ));
+    let authority = proptest::option::of((
+        prop::collection::vec("[a-z:/é]{1,10}", 0..3),
+        prop::collection::vec("[a-z.]{1,8}:[0-9]{1,4}", 0..3),
+    ));
+    let image = proptest::option::of(Just("cellcheck/fixture-rootfs".to_string()));
+    (tail, run, env, wd, time, limits, authority, image).prop_map(
+        move |(tail, (argv, expect), env, wd, (timeout, ttl), limits, authority, image)| {
+            let mut full = format!("{id}{tail}");
+            full.truncate(cellcheck_contract::spec::MAX_ID_LEN);
+            let mut d = CellDocument::new(full, argv);
             for (k, v) in env {
-                d = d.with_env(k, v);
+                if !d.spec.run.env.iter().any(|e| e.name == k) {
+                    d = d.with_env(k, v);
+                }
             }
-            d.api_version = api;
-            d.spec.run.timeout_ms = timeout;
             d.spec.run.working_directory = wd;
+            d.spec.run.timeout_ms = timeout;
             d.spec.lifetime = ttl.map(|ttl_seconds| Lifetime { ttl_seconds });
             d.spec.run.limits = limits.map(|(m, p, c)| Limits {
                 memory_max_bytes: m,
@@ -193,62 +245,333 @@ fn doc_strategy(base: String) -> impl Strategy<Value = CellDocument> {
                 cpu_max: c.map(|(quota, period)| CpuMax { quota, period }),
                 ..Limits::default()
             });
-            d
-        })
+            d.spec.authority = authority.map(|(secret_refs, egress)| Authority {
+                secret_refs,
+                egress,
+            });
+            d.spec.environment = image.map(|i| Environment {
+                image: Some(i),
+                digest: None,
+            });
+            (d, expect)
+        },
+    )
 }
 
-const CASES: usize = 32;
+const REFUSED_ID_CHARS: &[char] = &[
+    '/', ' ', ':', '@', '+', '~', '!', '#', '$', '%', '&', '*', '(', ')', '[', ']', '{', '}', '<',
+    '>', '?', ',', ';', '\'', '"', '\\', '\t', '\n', '\0', 'é', 'ß', '日', '٣', 'ａ',
+];
 
-async fn arbitrary_documents(ctx: Ctx) -> Result<(), Failure> {
-    // Values are drawn up front (no shrinking): the run is async and a failure names its document.
-    let mut runner = TestRunner::new(Config::default());
-    let mut docs = Vec::new();
-    for _ in 0..CASES {
-        let base = ctx.new_id();
-        let mut d = doc_strategy(base.clone())
+fn pick<'a, T>(rng: &mut StdRng, xs: &'a [T]) -> &'a T {
+    &xs[rng.gen_range(0..xs.len())]
+}
+
+/// Break exactly one rule of the valid `d`; the field admission must name.
+fn break_one_rule(d: &mut CellDocument, rng: &mut StdRng) -> String {
+    let run = &mut d.spec.run;
+    match rng.gen_range(0..21) {
+        0 => {
+            d.spec.id.clear();
+            "spec.id".into()
+        }
+        1 => {
+            let n = rng.gen_range(129..300);
+            while d.spec.id.len() < n {
+                d.spec.id.push('a');
+            }
+            "spec.id".into()
+        }
+        2 => {
+            let c = *pick(rng, &['-', '.', '_']);
+            d.spec.id.replace_range(0..1, &c.to_string());
+            "spec.id".into()
+        }
+        3 => {
+            let at = rng.gen_range(1..=d.spec.id.len());
+            d.spec.id.insert(at, *pick(rng, REFUSED_ID_CHARS));
+            "spec.id".into()
+        }
+        4 => {
+            let at = rng.gen_range(1..=d.spec.id.len());
+            d.spec.id.insert_str(at, "..");
+            "spec.id".into()
+        }
+        5 => {
+            d.api_version =
+                pick(rng, &["", "cellcheck.dev/v2", "Cellcheck.dev/v1", "v1"]).to_string();
+            "apiVersion".into()
+        }
+        6 => {
+            d.kind = pick(rng, &["", "Cell", "executioncell", "ExecutionCells"]).to_string();
+            "kind".into()
+        }
+        7 => {
+            run.argv.clear();
+            "spec.run.argv".into()
+        }
+        8 | 9 => {
+            let i = rng.gen_range(0..run.argv.len());
+            if rng.gen_bool(0.5) {
+                run.argv[i].clear();
+            } else {
+                let at = rng.gen_range(0..=run.argv[i].len());
+                let at = (0..=at)
+                    .rev()
+                    .find(|a| run.argv[i].is_char_boundary(*a))
+                    .unwrap_or(0);
+                run.argv[i].insert(at, '\0');
+            }
+            format!("spec.run.argv[{i}]")
+        }
+        10 => {
+            run.working_directory =
+                Some(pick(rng, &["", "bin", "./bin", "tmp/x", "/b\0in"]).to_string());
+            "spec.run.workingDirectory".into()
+        }
+        11 | 12 => {
+            // Insert a bad entry at p (the marker is always declared, so env is never empty).
+            let p = rng.gen_range(0..=run.env.len());
+            let kind = rng.gen_range(0..5);
+            let (e, what) = match kind {
+                0 => (
+                    EnvVar {
+                        name: String::new(),
+                        value: "v".into(),
+                    },
+                    "name",
+                ),
+                1 => (
+                    EnvVar {
+                        name: "BAD=NAME".into(),
+                        value: "v".into(),
+                    },
+                    "name",
+                ),
+                2 => (
+                    EnvVar {
+                        name: "BAD\0NAME".into(),
+                        value: "v".into(),
+                    },
+                    "name",
+                ),
+                3 => (
+                    EnvVar {
+                        name: "CC_FRESH_NAME".into(),
+                        value: "a\0b".into(),
+                    },
+                    "value",
+                ),
+                _ => {
+                    // A duplicate of an earlier name: inserted after it.
+                    let p = rng.gen_range(1..=run.env.len());
+                    let j = rng.gen_range(0..p);
+                    let e = EnvVar {
+                        name: run.env[j].name.clone(),
+                        value: "dup".into(),
+                    };
+                    run.env.insert(p, e);
+                    return format!("spec.run.env[{p}].name");
+                }
+            };
+            run.env.insert(p, e);
+            format!("spec.run.env[{p}].{what}")
+        }
+        13 => {
+            run.timeout_ms = Some(0);
+            "spec.run.timeoutMs".into()
+        }
+        14 => {
+            let ttl = rng.gen_range(1..100_000u64);
+            d.spec.lifetime = Some(Lifetime { ttl_seconds: ttl });
+            run.timeout_ms = Some(ttl * 1000 + rng.gen_range(1..=1000));
+            "spec.run.timeoutMs".into()
+        }
+        15 => {
+            d.spec.lifetime = Some(Lifetime { ttl_seconds: 0 });
+            "spec.lifetime.ttlSeconds".into()
+        }
+        16 => {
+            run.limits
+                .get_or_insert_with(Limits::default)
+                .memory_max_bytes = Some(0);
+            "spec.run.limits.memoryMaxBytes".into()
+        }
+        17 => {
+            run.limits.get_or_insert_with(Limits::default).pids_max = Some(0);
+            "spec.run.limits.pidsMax".into()
+        }
+        18 => {
+            let l = run.limits.get_or_insert_with(Limits::default);
+            if rng.gen_bool(0.5) {
+                l.cpu_max = Some(CpuMax {
+                    quota: 0,
+                    period: rng.gen_range(0..2_000_000),
+                });
+                "spec.run.limits.cpuMax".into()
+            } else {
+                let period = if rng.gen_bool(0.5) {
+                    rng.gen_range(1..1000)
+                } else {
+                    rng.gen_range(1_000_001..u64::MAX)
+                };
+                l.cpu_max = Some(CpuMax {
+                    quota: rng.gen_range(1..1_000_000),
+                    period,
+                });
+                "spec.run.limits.cpuMax.period".into()
+            }
+        }
+        19 => {
+            let a = d.spec.authority.get_or_insert_with(Authority::default);
+            let bad = pick(rng, &["", "a\0b"]).to_string();
+            if rng.gen_bool(0.5) {
+                let i = rng.gen_range(0..=a.secret_refs.len());
+                a.secret_refs.insert(i, bad);
+                format!("spec.authority.secretRefs[{i}]")
+            } else {
+                // Secret refs stay valid, so the egress entry is the first broken rule.
+                let i = rng.gen_range(0..=a.egress.len());
+                a.egress.insert(i, bad);
+                format!("spec.authority.egress[{i}]")
+            }
+        }
+        _ => {
+            d.spec.environment = Some(Environment {
+                image: Some(pick(rng, &["", "a\0b"]).to_string()),
+                digest: None,
+            });
+            "spec.environment.image".into()
+        }
+    }
+}
+
+/// Valid and invalid documents, drawn: each valid one must be created and run with the expected
+/// result, each invalid one refused naming its field, nothing left behind. Cost is linear in the
+/// case count: every case has its own id and marker, and is checked once, on its own.
+async fn property_documents(ctx: Ctx) -> Result<(), Failure> {
+    let cases = property_cases();
+    let seed: u64 = std::env::var("CELLCHECK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| rand::thread_rng().next_u64());
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let mut runner = TestRunner::new_with_rng(
+        Config::default(),
+        TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes),
+    );
+    // Which cases break a rule, and how: a second generator from the same seed.
+    let mut rng = StdRng::seed_from_u64(seed);
+    let token = ctx.token().to_string();
+    let backend = ctx.backend_arc();
+    let start = Instant::now();
+    let (mut valid, mut invalid) = (0usize, 0usize);
+    for i in 0..cases {
+        // Ids and markers are unique per case and never a prefix of another (`x` ends them).
+        let base = format!("cc-{token}-p{i}x");
+        let marker = format!("ccm-{token}-p{i}x");
+        let (mut doc, expect) = valid_strategy(base)
             .new_tree(&mut runner)
             .map_err(|e| ctx.fail(format!("strategy: {e}")))?
             .current();
-        if d.spec.id != base {
-            ctx.register_id(&d.spec.id, !d.spec.id.is_empty());
-        }
-        // The marker keeps every created process findable.
-        let marker = ctx.marker_env(&d.spec.id);
-        if !d.spec.run.env.iter().any(|e| e.name == marker.name) {
-            d.spec.run.env.insert(0, marker);
-        }
-        docs.push(d);
-    }
-    for (i, d) in docs.iter().enumerate() {
-        let json = serde_json::to_string(d).unwrap_or_default();
-        ctx.step(format!("case {i}: create {json}"));
-        let admitted = d.admit();
-        match ctx.try_create(d).await {
-            Ok(h) => {
-                check!(
-                    ctx,
-                    admitted.is_ok(),
-                    "a document admission refuses ({:?}) was created",
-                    admitted.err()
-                );
-                // Whatever the workload does, it gets a bounded wait, then destroy.
-                let _ = tokio::time::timeout(Duration::from_secs(15), ctx.try_wait(&h.id)).await;
-                ctx.destroy(&h.id).await?;
-            }
-            Err(CellError::InvalidSpec { .. }) => {}
-            Err(e) => {
-                // Typed errors other than InvalidSpec are allowed (a missing program, a bad
-                // working directory) only for admissible documents.
-                check!(
-                    ctx,
-                    admitted.is_ok(),
-                    "admission refuses it ({:?}) but create said {e:?}",
-                    admitted.err()
-                );
+        doc.spec.run.env.push(EnvVar {
+            name: MARKER_VAR.into(),
+            value: marker.clone(),
+        });
+        let broken = if rng.gen_bool(0.5) {
+            Some(break_one_rule(&mut doc, &mut rng))
+        } else {
+            None
+        };
+        let json = serde_json::to_string(&doc).unwrap_or_default();
+        ctx.step(format!(
+            "case {i} (seed {seed}, CELLCHECK_SEED reruns it): {json}"
+        ));
+        // The generator and the contract must agree, or the generator is wrong.
+        match (&broken, doc.admit()) {
+            (None, Ok(_)) => {}
+            (Some(want), Err(CellError::InvalidSpec { field, .. })) if *want == field => {}
+            (b, got) => {
+                return Err(ctx.fail(format!(
+                    "generator expected {b:?} (None = valid), the contract's admission says {got:?}"
+                )))
             }
         }
-        ctx.step(format!("case {i}: residue {json}"));
-        ctx.assert_clean(&d.spec.id).await?;
+        let id = doc.spec.id.clone();
+        match &broken {
+            None => {
+                valid += 1;
+                let h = backend
+                    .create(&doc)
+                    .await
+                    .map_err(|e| ctx.fail(format!("a valid document was not created: {e:?}")))?;
+                let waited = tokio::time::timeout(RUN_BOUND, backend.wait(&h.id)).await;
+                let destroyed = backend.destroy(&h.id).await;
+                let r = waited
+                    .map_err(|_| ctx.fail(format!("did not end within {RUN_BOUND:?}")))?
+                    .map_err(|e| ctx.fail(format!("wait failed: {e:?}")))?;
+                destroyed.map_err(|e| ctx.fail(format!("destroy failed: {e:?}")))?;
+                let ok = match expect {
+                    Expect::Exit(k) => r.termination == Termination::Exited { code: k },
+                    Expect::Out(n) => {
+                        r.termination == Termination::Exited { code: 0 } && r.stdout == pattern(n)
+                    }
+                };
+                check!(
+                    ctx,
+                    ok,
+                    "expected {expect:?}, got {:?} with {} stdout bytes, stderr {:?}",
+                    r.termination,
+                    r.stdout.len(),
+                    r.stderr_str()
+                );
+            }
+            Some(want) => {
+                invalid += 1;
+                match backend.create(&doc).await {
+                    Err(CellError::InvalidSpec { field, .. }) => check!(
+                        ctx,
+                        field == *want,
+                        "InvalidSpec names {field:?}, expected {want:?}"
+                    ),
+                    Ok(h) => {
+                        let _ = backend.destroy(&h.id).await;
+                        return Err(ctx.fail(format!("created, expected InvalidSpec({want})")));
+                    }
+                    Err(e) => {
+                        return Err(ctx.fail(format!("expected InvalidSpec({want}), got {e:?}")))
+                    }
+                }
+            }
+        }
+        check!(
+            ctx,
+            !backend.list().await.contains(&id),
+            "{id:?} is still listed"
+        );
+        let scope = Scope {
+            cell: id.clone(),
+            env_markers: vec![marker],
+            footprint: if id.is_empty() || id.contains('\0') {
+                Default::default()
+            } else {
+                backend.footprint(&id)
+            },
+            host_pids: Vec::new(),
+            check_resources: !id.is_empty() && !id.contains('\0'),
+        };
+        let leaks = residue::scan_settled(&scope, &Default::default(), RESIDUE_GRACE).await;
+        let leaks: Vec<_> = leaks
+            .into_iter()
+            .filter(|l| !matches!(l, residue::Leak::Fd { .. }))
+            .collect();
+        check!(ctx, leaks.is_empty(), "{}", residue::describe(&id, &leaks));
     }
+    eprintln!(
+        "spec::property_documents on {}: {cases} cases ({valid} valid, {invalid} invalid) in {:.1} s, seed {seed}",
+        backend.name(),
+        start.elapsed().as_secs_f64()
+    );
     Ok(())
 }
