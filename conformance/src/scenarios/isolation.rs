@@ -1,5 +1,6 @@
 //! What the workload can see of the host: env, fds, stdio, pids, hostname, network, secrets.
 
+use cellcheck_contract::spec::MAX_HOSTNAME_LEN as HOSTNAME_MAX;
 use cellcheck_contract::{CellDocument, Termination};
 
 use crate::harness::{sentinels, Ctx, Failure, Scenario};
@@ -239,10 +240,8 @@ async fn pids(ctx: Ctx) -> Result<(), Failure> {
     Ok(())
 }
 
-/// The longest hostname the kernel takes (`HOST_NAME_MAX`).
-pub const HOSTNAME_MAX: usize = 64;
-
-/// The hostname a cell gets: its id, cut to its first [`HOSTNAME_MAX`] bytes (ids are ASCII).
+/// The hostname a cell gets: its id, cut to its first [`HOSTNAME_MAX`] bytes (ids are ASCII),
+/// the contract's `AdmittedCell::hostname` rule, restated so a backend cannot share a bug with it.
 pub fn expected_hostname(id: &str) -> &str {
     &id[..id.len().min(HOSTNAME_MAX)]
 }
