@@ -149,6 +149,9 @@ async fn fds_are_exactly_stdio_even_when_the_caller_leaks() {
     let id = d.spec.id.clone();
     let h = b.create(&d).await.unwrap();
     let pid = h.host_pid.unwrap();
+    // The probe's own start-up briefly holds an fd; it says when it holds nothing of its own.
+    cellcheck_fixtures::ready::await_ready(pid, std::time::Duration::from_secs(15))
+        .unwrap_or_else(|s| panic!("probe never became ready: {s:?}"));
     let fds: BTreeSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
         .unwrap()
         .flatten()
