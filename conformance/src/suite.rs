@@ -16,7 +16,12 @@ type FixtureFactory = Box<dyn Fn(&Fixtures) -> Arc<dyn Backend>>;
 
 enum Factory {
     Plain(PlainFactory),
-    WithFixtures { name: String, f: FixtureFactory },
+    WithFixtures {
+        name: String,
+        f: FixtureFactory,
+        /// What the user set to add it (see [`Suite::configured_backend`]).
+        configured_by: Option<String>,
+    },
 }
 
 /// A set of backends to run the scenario set against.
@@ -89,6 +94,23 @@ impl Suite {
         self.backends.push(Factory::WithFixtures {
             name: name.to_string(),
             f: Box::new(factory),
+            configured_by: None,
+        });
+        self
+    }
+
+    /// Register a backend the user configured through `what` (e.g. `CELLCHECK_REMOTE_DRIVER="cmd"`),
+    /// as [`Suite::backend_with_fixtures`] does. The user asked for it, so if it is unavailable (a
+    /// driver that exits, hangs or answers garbage at its handshake) its trials fail, naming `what`
+    /// and the reason, even without strict mode; a built-in backend the host cannot run stays a skip.
+    pub fn configured_backend<F>(mut self, name: &str, what: &str, factory: F) -> Self
+    where
+        F: Fn(&Fixtures) -> Arc<dyn Backend> + 'static,
+    {
+        self.backends.push(Factory::WithFixtures {
+            name: name.to_string(),
+            f: Box::new(factory),
+            configured_by: Some(what.to_string()),
         });
         self
     }
@@ -150,9 +172,13 @@ impl Suite {
         let mut built: Vec<Arc<dyn Backend>> = Vec::new();
 
         for factory in &self.backends {
-            let known_name = match factory {
-                Factory::Plain(_) => None,
-                Factory::WithFixtures { name, .. } => Some(name.clone()),
+            let (known_name, configured_by) = match factory {
+                Factory::Plain(_) => (None, None),
+                Factory::WithFixtures {
+                    name,
+                    configured_by,
+                    ..
+                } => (Some(name.clone()), configured_by.clone()),
             };
             // A plain factory is constructed to learn its name (cheap by contract).
             let plain = match factory {
@@ -237,6 +263,10 @@ impl Suite {
                     // Strict mode is for "could not run": a backend the host cannot run. A
                     // capability the backend declares unsupported (with its reason) stays a skip.
                     match (unavailable, missing) {
+                        (Some(reason), _) if configured_by.is_some() => Plan::Fail(format!(
+                            "backend {name:?}, configured by {}, does not work: {reason}",
+                            configured_by.as_deref().unwrap_or_default()
+                        )),
                         (Some(reason), _) if strict => Plan::Fail(format!(
                             "strict mode (CELLCHECK_STRICT=1): this trial would be skipped: {reason}"
                         )),

@@ -13,7 +13,10 @@ fn main() -> ExitCode {
     let mut suite = Suite::new();
     for entry in Registry::builtin().with_env_driver().entries() {
         let factory = entry.factory.clone();
-        suite = suite.backend_with_fixtures(&entry.name, move |fx| factory(fx));
+        suite = match &entry.configured_by {
+            Some(what) => suite.configured_backend(&entry.name, what, move |fx| factory(fx)),
+            None => suite.backend_with_fixtures(&entry.name, move |fx| factory(fx)),
+        };
     }
     suite.run_from_args()
 }

@@ -55,6 +55,9 @@ pub struct Entry {
     pub factory: Factory,
     pub probe: Probe,
     pub bench: Option<Bench>,
+    /// What the user set to add this backend (e.g. `CELLCHECK_REMOTE_DRIVER="cmd"`), if it is
+    /// not built in: the user asked for it, so its being unavailable is a failure, not a skip.
+    pub configured_by: Option<String>,
 }
 
 impl Entry {
@@ -67,7 +70,14 @@ impl Entry {
             factory: Arc::new(factory),
             probe,
             bench: None,
+            configured_by: None,
         }
+    }
+
+    /// Marks the backend as configured by the user through `what`.
+    pub fn configured_by(mut self, what: impl Into<String>) -> Entry {
+        self.configured_by = Some(what.into());
+        self
     }
 
     pub fn with_bench(mut self, bench: Bench) -> Entry {
@@ -91,6 +101,7 @@ impl std::fmt::Debug for Entry {
             .field("name", &self.name)
             .field("rows", &self.rows())
             .field("bench", &self.bench)
+            .field("configured_by", &self.configured_by)
             .finish_non_exhaustive()
     }
 }
@@ -188,9 +199,13 @@ impl Registry {
         match std::env::var(cellcheck_remote::DRIVER_ENV) {
             Ok(cmd) if !cmd.trim().is_empty() => {
                 let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
-                self.with(Entry::new("remote", Probe::Preflight, move |_| {
-                    cellcheck_remote::remote_or_unavailable("remote", argv.clone())
-                }))
+                let what = format!("{}={cmd:?}", cellcheck_remote::DRIVER_ENV);
+                self.with(
+                    Entry::new("remote", Probe::Preflight, move |_| {
+                        cellcheck_remote::remote_or_unavailable("remote", argv.clone())
+                    })
+                    .configured_by(what),
+                )
             }
             _ => self,
         }
