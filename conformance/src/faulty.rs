@@ -94,6 +94,27 @@ pub enum Fault {
     CapabilitiesUnstable,
     /// Pause is declared unsupported, and calling it is an untyped backend failure.
     UnsupportedUntyped,
+    /// The backend forgot to harden: it wraps a backend whose cells keep their capabilities and
+    /// run without no_new_privs, seccomp filter or cgroup namespace, yet claims all of them.
+    /// Needs an unhardened inner backend ([`Fault::needs_unhardened_inner`]).
+    Unhardened,
+    /// The workload finds an extra device node in `/dev` (made before it starts, as a backend
+    /// that passes a host device through would). Needs an unhardened inner backend.
+    ExtraDevice,
+    /// The declared `limits.openFiles` is dropped before the inner backend sees the document, so
+    /// the default is applied instead.
+    DropOpenFiles,
+}
+
+/// The node [`Fault::ExtraDevice`] adds to the cell's `/dev` (a copy of `null`, harmless).
+pub const EXTRA_DEVICE: &str = "cellcheck-extra";
+
+impl Fault {
+    /// The fault shows only over a backend that does not harden its cells (the host backend with
+    /// `privileged`): a hardened cell could neither keep capabilities nor make a device node.
+    pub fn needs_unhardened_inner(self) -> bool {
+        matches!(self, Fault::Unhardened | Fault::ExtraDevice)
+    }
 }
 
 /// Something an undeclared fault made, to be removed by [`FaultyBackend::cleanup`].
@@ -354,6 +375,21 @@ impl FaultyBackend {
             Fault::IgnoreWorkingDirectory => d.spec.run.working_directory = None,
             Fault::TtlDroppedWithTimeout if d.spec.run.timeout_ms.is_some() => {
                 d.spec.lifetime = None
+            }
+            Fault::ExtraDevice => {
+                let mut argv = vec![
+                    "/bin/sh".to_string(),
+                    "-c".to_string(),
+                    format!("mknod /dev/{EXTRA_DEVICE} c 1 3 && exec \"$@\""),
+                    "sh".to_string(),
+                ];
+                argv.append(&mut d.spec.run.argv);
+                d.spec.run.argv = argv;
+            }
+            Fault::DropOpenFiles => {
+                if let Some(l) = d.spec.run.limits.as_mut() {
+                    l.open_files = None;
+                }
             }
             _ => {}
         }

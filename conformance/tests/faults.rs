@@ -5,9 +5,9 @@ use std::process::ExitCode;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use cellcheck_conformance::faulty::{Fault, FaultyBackend};
+use cellcheck_conformance::faulty::{self, Fault, FaultyBackend};
 use cellcheck_conformance::{ids, run_scenario, run_scenario_bounded};
-use cellcheck_contract::Backend;
+use cellcheck_contract::{Backend, DEFAULT_OPEN_FILES};
 use libtest_mimic::{Arguments, Failed, Trial};
 
 fn host() -> Arc<dyn Backend> {
@@ -17,6 +17,19 @@ fn host() -> Arc<dyn Backend> {
         Arc::new(cellcheck_host::HostBackend::new(
             cellcheck_host::HostConfig::from_fixtures(&fx),
         ))
+    })
+    .clone()
+}
+
+/// A host backend that does not harden its cells (as a nested cell's outer layer): the inner
+/// backend of the faults that forget hardening, which still claim it.
+fn unhardened_host() -> Arc<dyn Backend> {
+    static HOST: OnceLock<Arc<dyn Backend>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        let fx = cellcheck_fixtures::ensure().expect("fixtures");
+        let mut cfg = cellcheck_host::HostConfig::from_fixtures(&fx);
+        cfg.privileged = true;
+        Arc::new(cellcheck_host::HostBackend::new(cfg))
     })
     .clone()
 }
@@ -204,6 +217,56 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
         &["pause::stops_the_clock_without_exec"],
         |_| vec!["did not stop".into()],
     ),
+    (
+        Fault::Unhardened,
+        &["hardening::capabilities_empty"],
+        |_| {
+            vec![
+                "the workload holds capabilities".into(),
+                "eff=0x".into(),
+                "bnd=0x".into(),
+            ]
+        },
+    ),
+    (Fault::Unhardened, &["hardening::no_new_privs"], |_| {
+        vec!["no_new_privs is not set".into(), "Some(0)".into()]
+    }),
+    (Fault::Unhardened, &["hardening::seccomp_filter"], |_| {
+        vec!["no seccomp filter".into(), "Some(0)".into()]
+    }),
+    (
+        Fault::Unhardened,
+        &["hardening::dangerous_syscalls"],
+        |_| vec!["dangerous syscalls were not refused".into()],
+    ),
+    (Fault::Unhardened, &["hardening::exec_hardened"], |_| {
+        vec!["an exec'd command holds capabilities".into()]
+    }),
+    (Fault::Unhardened, &["hardening::mount_refused"], |_| {
+        vec!["the workload could mount".into(), "tmpfs".into()]
+    }),
+    (Fault::Unhardened, &["hardening::cgroup_view"], |_| {
+        vec!["no cgroup namespace".into()]
+    }),
+    (Fault::ExtraDevice, &["hardening::dev_minimal"], |_| {
+        vec![
+            "/dev holds nodes beyond the standard set".into(),
+            format!("{:?}", faulty::EXTRA_DEVICE),
+        ]
+    }),
+    (
+        Fault::DropOpenFiles,
+        &["hardening::rlimits_declared"],
+        |_| {
+            vec![
+                "want (200, 300)".into(),
+                format!(
+                    "is (Some({}), Some({}))",
+                    DEFAULT_OPEN_FILES.soft, DEFAULT_OPEN_FILES.hard
+                ),
+            ]
+        },
+    ),
 ];
 
 /// What an undeclared fault made, by name, plus `also`; a needle no message has when the fault
@@ -224,11 +287,21 @@ fn pid_alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-fn fault_trial(fault: Fault, scenarios: &'static [&'static str], needles: Needles) -> Trial {
-    Trial::test(format!("faults::{fault:?}"), move || {
+fn fault_trial(
+    name: String,
+    fault: Fault,
+    scenarios: &'static [&'static str],
+    needles: Needles,
+) -> Trial {
+    Trial::test(name, move || {
         let mut problems = Vec::new();
         for sc in scenarios {
-            let faulty = Arc::new(FaultyBackend::new(host(), fault));
+            let inner = if fault.needs_unhardened_inner() {
+                unhardened_host()
+            } else {
+                host()
+            };
+            let faulty = Arc::new(FaultyBackend::new(inner, fault));
             // A short bound, so the hung-backend case fails in seconds, not minutes.
             let verdict = run_scenario_bounded(faulty.clone(), sc, Some(Duration::from_secs(20)));
             let wanted = needles(&faulty);
@@ -275,7 +348,15 @@ fn main() -> ExitCode {
     let args = Arguments::from_args();
     let mut trials: Vec<Trial> = CASES
         .iter()
-        .map(|(f, s, n)| fault_trial(*f, s, *n))
+        .map(|(f, s, n)| {
+            // A fault proven by several cases gets one trial per case, named by its scenario.
+            let shared = CASES.iter().filter(|(g, _, _)| g == f).count() > 1;
+            let name = match s.first() {
+                Some(sc) if shared => format!("faults::{f:?}::{}", sc.replace("::", "_")),
+                _ => format!("faults::{f:?}"),
+            };
+            fault_trial(name, *f, s, *n)
+        })
         .collect();
     let mut all: Vec<&'static str> = CASES
         .iter()
