@@ -14,7 +14,8 @@
 //! A known failure still runs: failing is the expected result (`xfail`), passing fails the trial
 //! (`xpass`). A skip lists the trial as ignored with the entry's reason. The first matching entry
 //! wins. Expiry is not applied here (an expired entry still matches); `cargo xtask` validates the
-//! file's dates and staleness with [`Expectations::parse`] and [`Expectation::expired_on`].
+//! file's dates and staleness with [`Expectations::parse`] and [`Expectation::expired_on`], for
+//! the same file the suite reads ([`Expectations::path_in`]).
 
 use std::path::{Path, PathBuf};
 
@@ -112,11 +113,16 @@ impl Expectations {
 
     /// `CELLCHECK_EXPECTATIONS`, else `<workspace>/matrix/expectations.toml`.
     pub fn default_path() -> PathBuf {
+        Self::path_in(&cellcheck_fixtures::workspace_root())
+    }
+
+    /// `CELLCHECK_EXPECTATIONS`, else `<root>/matrix/expectations.toml`: the one source the suite
+    /// and xtask both read, so xtask's checks (expiry, staleness) cover whichever file is used.
+    pub fn path_in(root: &Path) -> PathBuf {
         std::env::var_os("CELLCHECK_EXPECTATIONS")
+            .filter(|v| !v.is_empty())
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                cellcheck_fixtures::workspace_root().join("matrix/expectations.toml")
-            })
+            .unwrap_or_else(|| root.join("matrix/expectations.toml"))
     }
 
     pub fn lookup(
@@ -235,6 +241,27 @@ fn civil_from_days(z: i64) -> Date {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn suite_and_xtask_read_the_same_file() {
+        // The only test in this crate touching the variable.
+        let root = Path::new("/repo");
+        std::env::set_var("CELLCHECK_EXPECTATIONS", "/elsewhere/exp.toml");
+        assert_eq!(
+            Expectations::path_in(root),
+            PathBuf::from("/elsewhere/exp.toml")
+        );
+        std::env::set_var("CELLCHECK_EXPECTATIONS", "");
+        assert_eq!(
+            Expectations::path_in(root),
+            root.join("matrix/expectations.toml")
+        );
+        std::env::remove_var("CELLCHECK_EXPECTATIONS");
+        assert_eq!(
+            Expectations::path_in(root),
+            root.join("matrix/expectations.toml")
+        );
+    }
 
     #[test]
     fn glob_basics() {

@@ -313,8 +313,10 @@ pub fn fill(plan: &Plan, rounds: &Rounds) -> Vec<TrialResult> {
 
 /// Step 4, judge: why the run fails, from its results and the expectations.
 pub fn judge(plan: &Plan, results: &[TrialResult]) -> Result<Vec<verdict::Problem>> {
+    // The file the suite read (CELLCHECK_EXPECTATIONS or the repository's), so its expiry and
+    // staleness are checked whichever it is.
     let expectations = cellcheck_conformance::expectations::Expectations::load(
-        &project_root().join("matrix/expectations.toml"),
+        &cellcheck_conformance::expectations::Expectations::path_in(&project_root()),
     )
     .map_err(anyhow::Error::msg)?;
     let listed_ids: BTreeSet<String> = plan.listed.iter().map(|l| l.name.clone()).collect();
