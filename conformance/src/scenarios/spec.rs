@@ -72,13 +72,41 @@ fn table_doc(ctx: &Ctx, case: &admission::Case) -> Result<CellDocument, Failure>
         )
         .map_err(|e| ctx.fail(e))?;
     if id.is_none() {
-        // An id the table chose: registered so its marker and footprint are checked too.
+        // An id the table chose: made this trial's own (see `weave_token`), then registered so its
+        // marker and footprint are checked too.
+        doc.spec.id = weave_token(&doc.spec.id, ctx.token());
         let check_resources = !doc.spec.id.is_empty() && !doc.spec.id.contains('\0');
         ctx.register_id(&doc.spec.id, check_resources);
     }
     let marker = ctx.marker_env(&doc.spec.id);
     doc.spec.run.env.push(marker);
     Ok(doc)
+}
+
+/// `id` with the trial's token written over its ASCII letters and digits after the first
+/// character, each replacement in the class of the character it replaces (lower, upper, digit):
+/// length, first character and every other character stay, so the case tests the same rule. Why:
+/// the residue audit attributes a leftover to the trial whose cell id it mentions, and a fixed id
+/// from the table (the 64-character one is a prefix of the 128-character one) run by two trials at
+/// once, in two processes, would make one trial blame the other's live cell.
+fn weave_token(id: &str, token: &str) -> String {
+    let mut t = token.bytes().cycle().take(token.len());
+    id.char_indices()
+        .map(|(i, c)| {
+            if i == 0 || !c.is_ascii_alphanumeric() {
+                return c;
+            }
+            let Some(b) = t.next() else { return c };
+            let v = b % 26;
+            if c.is_ascii_digit() {
+                (b'0' + b % 10) as char
+            } else if c.is_ascii_uppercase() {
+                (b'A' + v) as char
+            } else {
+                (b'a' + v) as char
+            }
+        })
+        .collect()
 }
 
 async fn refused_table(ctx: Ctx) -> Result<(), Failure> {
@@ -574,4 +602,40 @@ async fn property_documents(ctx: Ctx) -> Result<(), Failure> {
         start.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod weave_tests {
+    use super::weave_token;
+
+    #[test]
+    fn weaving_keeps_length_first_char_and_classes() {
+        for id in ["a", "A-b.C_9", "abcdefghij0123456789", "x..y", "9Zz-é"] {
+            let w = weave_token(id, "k3q9zz01");
+            assert_eq!(w.chars().count(), id.chars().count(), "{id} -> {w}");
+            assert_eq!(w.chars().next(), id.chars().next());
+            for (a, b) in id.chars().zip(w.chars()) {
+                let class = |c: char| {
+                    (
+                        c.is_ascii_digit(),
+                        c.is_ascii_lowercase(),
+                        c.is_ascii_uppercase(),
+                        if c.is_ascii_alphanumeric() {
+                            None
+                        } else {
+                            Some(c)
+                        },
+                    )
+                };
+                assert_eq!(class(a), class(b), "{id} -> {w}");
+            }
+        }
+        // Two trials' tokens give two ids, and a short id is no prefix of a longer one's weave.
+        let long = "a".repeat(128);
+        let (x, y) = (
+            weave_token(&long, "aaaa1111"),
+            weave_token(&long[..64], "bbbb2222"),
+        );
+        assert!(!x.contains(&y), "{x} contains {y}");
+    }
 }
