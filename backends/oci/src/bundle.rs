@@ -8,7 +8,7 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use cellcheck_contract::{AdmittedCell, EnvVar, Limits};
+use cellcheck_contract::{AdmittedCell, EnvVar, Limits, OpenFiles};
 use serde_json::{json, Value};
 
 /// OCI runtime spec version the bundle declares (all three runtimes here speak 1.0.2).
@@ -29,6 +29,7 @@ pub const MASKED_PATHS: &[&str] = &[
     "/proc/asound",
     "/proc/kcore",
     "/proc/keys",
+    "/proc/kmsg",
     "/proc/latency_stats",
     "/proc/timer_list",
     "/proc/timer_stats",
@@ -46,6 +47,100 @@ pub const READONLY_PATHS: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
+/// Syscalls the default seccomp profile refuses with EPERM; the same list the host backend's
+/// filter refuses, by name so the runtime's libseccomp resolves them for the bundle's arch.
+pub const DENIED_SYSCALLS: &[&str] = &[
+    "mount",
+    "umount2",
+    "pivot_root",
+    "unshare",
+    "setns",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "kexec_load",
+    "kexec_file_load",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "swapon",
+    "swapoff",
+    "reboot",
+    "syslog",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "acct",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "quotactl",
+    "lookup_dcookie",
+    "vhangup",
+    "fanotify_init",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "move_mount",
+    "open_tree",
+    "iopl",
+    "ioperm",
+    "uselib",
+];
+
+/// clone flags that make a new namespace (NEWNS, NEWUSER, NEWPID, NEWNET, NEWUTS, NEWIPC,
+/// NEWCGROUP, NEWTIME): clone with any of them is refused, fork and threads stay allowed.
+pub const NAMESPACE_CLONE_FLAGS: &[u64] = &[
+    0x0002_0000,
+    0x1000_0000,
+    0x2000_0000,
+    0x4000_0000,
+    0x0400_0000,
+    0x0800_0000,
+    0x0200_0000,
+    0x80,
+];
+
+const EPERM: u32 = 1;
+const ENOSYS: u32 = 38;
+
+/// The default `linux.seccomp` profile: allow by default, EPERM for [`DENIED_SYSCALLS`] and for
+/// clone with a namespace flag (one rule per flag: a rule's conditions are ANDed). clone3 passes
+/// its flags in memory a filter cannot read, so it answers ENOSYS and libc falls back to clone.
+pub fn seccomp() -> Value {
+    let mut syscalls = vec![json!({
+        "names": DENIED_SYSCALLS,
+        "action": "SCMP_ACT_ERRNO",
+        "errnoRet": EPERM,
+    })];
+    syscalls.extend(NAMESPACE_CLONE_FLAGS.iter().map(|&flag| {
+        json!({
+            "names": ["clone"],
+            "action": "SCMP_ACT_ERRNO",
+            "errnoRet": EPERM,
+            "args": [ { "index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ" } ],
+        })
+    }));
+    syscalls.push(json!({
+        "names": ["clone3"],
+        "action": "SCMP_ACT_ERRNO",
+        "errnoRet": ENOSYS,
+    }));
+    json!({
+        "defaultAction": "SCMP_ACT_ALLOW",
+        "architectures": ["SCMP_ARCH_X86_64", "SCMP_ARCH_X86", "SCMP_ARCH_X32", "SCMP_ARCH_AARCH64"],
+        "syscalls": syscalls,
+    })
+}
+
 /// `NAME=value` strings in declared order: exactly the declared set, nothing added.
 pub fn env_strings(env: &[EnvVar]) -> Vec<String> {
     env.iter()
@@ -54,7 +149,7 @@ pub fn env_strings(env: &[EnvVar]) -> Vec<String> {
 }
 
 /// The OCI `process` object for `args` with exactly `env`, as the workload and execs get it.
-pub fn process(args: &[String], env: &[EnvVar], cwd: &str) -> Value {
+pub fn process(args: &[String], env: &[EnvVar], cwd: &str, nofile: OpenFiles) -> Value {
     json!({
         "terminal": false,
         "user": { "uid": 0, "gid": 0 },
@@ -62,7 +157,7 @@ pub fn process(args: &[String], env: &[EnvVar], cwd: &str) -> Value {
         "env": env_strings(env),
         "cwd": cwd,
         "noNewPrivileges": true,
-        "rlimits": [ { "type": "RLIMIT_NOFILE", "hard": 1024u64, "soft": 1024u64 } ],
+        "rlimits": [ { "type": "RLIMIT_NOFILE", "hard": nofile.hard, "soft": nofile.soft } ],
     })
 }
 
@@ -109,19 +204,25 @@ fn mounts() -> Value {
 pub fn config(cell: &AdmittedCell, opts: &BundleOptions) -> Value {
     json!({
         "ociVersion": OCI_VERSION,
-        "process": process(cell.argv(), cell.env(), cell.working_directory()),
+        "process": process(
+            cell.argv(),
+            cell.env(),
+            cell.working_directory(),
+            cell.open_files(),
+        ),
         "root": { "path": opts.rootfs, "readonly": true },
         "hostname": cell.hostname(),
         "mounts": mounts(),
         "linux": {
             "namespaces": [
                 { "type": "pid" }, { "type": "ipc" }, { "type": "uts" },
-                { "type": "mount" }, { "type": "network" },
+                { "type": "mount" }, { "type": "network" }, { "type": "cgroup" },
             ],
             "cgroupsPath": opts.cgroups_path,
             "resources": resources(&cell.limits()),
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
+            "seccomp": seccomp(),
         },
     })
 }
@@ -182,7 +283,7 @@ mod tests {
             .iter()
             .map(|n| n["type"].as_str().unwrap())
             .collect();
-        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network"]);
+        assert_eq!(ns, ["pid", "ipc", "uts", "mount", "network", "cgroup"]);
         let mounts = c["mounts"].as_array().unwrap();
         let dest = |d: &str| mounts.iter().find(|m| m["destination"] == d).cloned();
         assert_eq!(dest("/tmp").unwrap()["type"], json!("tmpfs"));
@@ -203,6 +304,64 @@ mod tests {
             .as_array()
             .unwrap()
             .contains(&json!("/proc/sys")));
+    }
+
+    #[test]
+    fn rlimit_nofile_is_the_declared_one_or_the_default() {
+        let nofile = |c: &Value| c["process"]["rlimits"].clone();
+        let cell = CellDocument::new("c1", ["/bin/x"])
+            .with_limits(Limits {
+                open_files: Some(OpenFiles {
+                    soft: 200,
+                    hard: 300,
+                }),
+                ..Limits::default()
+            })
+            .admit()
+            .unwrap();
+        assert_eq!(
+            nofile(&config(&cell, &opts())),
+            json!([{"type": "RLIMIT_NOFILE", "soft": 200, "hard": 300}])
+        );
+        let none = CellDocument::new("c1", ["/bin/x"]).admit().unwrap();
+        let d = cellcheck_contract::DEFAULT_OPEN_FILES;
+        assert_eq!(
+            nofile(&config(&none, &opts())),
+            json!([{"type": "RLIMIT_NOFILE", "soft": d.soft, "hard": d.hard}])
+        );
+    }
+
+    #[test]
+    fn seccomp_refuses_the_dangerous_syscalls_and_namespace_clones() {
+        let cell = CellDocument::new("c1", ["/bin/x"]).admit().unwrap();
+        let s = &config(&cell, &opts())["linux"]["seccomp"];
+        assert_eq!(s["defaultAction"], json!("SCMP_ACT_ALLOW"));
+        let rules = s["syscalls"].as_array().unwrap();
+        let denied = &rules[0];
+        assert_eq!(denied["action"], json!("SCMP_ACT_ERRNO"));
+        assert_eq!(denied["errnoRet"], json!(1));
+        for name in ["mount", "unshare", "keyctl", "bpf", "ptrace", "syslog", "reboot"] {
+            assert!(
+                denied["names"].as_array().unwrap().contains(&json!(name)),
+                "{name} not denied"
+            );
+        }
+        // One rule per namespace flag (conditions in one rule are ANDed).
+        let clone: Vec<&Value> = rules.iter().filter(|r| r["names"] == json!(["clone"])).collect();
+        assert_eq!(clone.len(), NAMESPACE_CLONE_FLAGS.len());
+        for (r, &flag) in clone.iter().zip(NAMESPACE_CLONE_FLAGS) {
+            assert_eq!(
+                r["args"],
+                json!([{"index": 0, "value": flag, "valueTwo": flag, "op": "SCMP_CMP_MASKED_EQ"}])
+            );
+            assert_eq!(r["errnoRet"], json!(1));
+        }
+        // CLONE_NEWUSER and CLONE_NEWNS are among them; plain fork flags are not.
+        assert!(NAMESPACE_CLONE_FLAGS.contains(&0x1000_0000));
+        assert!(NAMESPACE_CLONE_FLAGS.contains(&0x0002_0000));
+        assert!(!NAMESPACE_CLONE_FLAGS.contains(&0x0001_0000)); // CLONE_THREAD
+        let clone3 = rules.iter().find(|r| r["names"] == json!(["clone3"])).unwrap();
+        assert_eq!(clone3["errnoRet"], json!(38));
     }
 
     #[test]

@@ -98,7 +98,12 @@ impl Inner {
         }
         let rt = self.rt()?;
         let files = ExecFiles::new(&live.dir, &self.seq);
-        let process = bundle::process(&req.argv, &req.env, live.cell.working_directory());
+        let process = bundle::process(
+            &req.argv,
+            &req.env,
+            live.cell.working_directory(),
+            live.cell.open_files(),
+        );
         let io = |what: &'static str| move |e: std::io::Error| failure(what, e);
         bundle::write_config(&files.process, &process).map_err(io("write exec process.json"))?;
         let stdio = [

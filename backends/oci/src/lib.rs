@@ -38,8 +38,9 @@
 //!
 //! # runsc specifics
 //!
-//! - `--network=none` and `--platform` (ptrace, or systrap where this runsc knows it) on every
-//!   command: runsc re-reads its flags per command.
+//! - `--network=none`, `--oci-seccomp` (else the bundle's seccomp profile is ignored) and
+//!   `--platform` (ptrace, or systrap where this runsc knows it) on every command: runsc re-reads
+//!   its flags per command.
 //! - Snapshot = `runsc checkpoint --image-path`: the source's workload stops, as `checkpoint` does
 //!   by default (`--leave-running` hangs with the runsc release this was built against); the cell
 //!   stays listed until destroyed. Restore = `runsc restore --detach` of a fresh

@@ -62,7 +62,19 @@ impl RuntimeKind {
             .with(Capability::Ttl)
             .with(Capability::NetworkIsolation)
             .with(Capability::PidIsolation)
-            .with(Capability::Hostname);
+            .with(Capability::Hostname)
+            // All from the bundle: no capabilities, noNewPrivileges, the default seccomp
+            // profile, a read-only root, masked/read-only paths, a tmpfs /dev with the standard
+            // nodes, a cgroup namespace and RLIMIT_NOFILE as declared.
+            .with(Capability::DropCapabilities)
+            .with(Capability::NoNewPrivs)
+            .with(Capability::Seccomp)
+            .with(Capability::ReadonlyRoot)
+            .with(Capability::ProcMasking)
+            .with(Capability::MinimalDev)
+            .with(Capability::CgroupIsolation)
+            .with(Capability::Rlimits)
+            .with(Capability::CpuLimit);
         match self {
             RuntimeKind::Runc | RuntimeKind::Crun => base
                 .with(Capability::HostPid)
@@ -118,7 +130,10 @@ impl RuntimeKind {
     /// `--network=none` must be repeated, not only given to `create`).
     fn extra_global_args(self, platform: Option<&str>) -> Vec<OsString> {
         match self {
-            RuntimeKind::Runsc => std::iter::once("--network=none".to_string())
+            // runsc ignores the bundle's seccomp profile unless told to load it in the sandbox.
+            RuntimeKind::Runsc => ["--network=none", "--oci-seccomp"]
+                .into_iter()
+                .map(String::from)
                 .chain(platform.map(|p| format!("--platform={p}")))
                 .map(OsString::from)
                 .collect(),
@@ -510,6 +525,7 @@ mod tests {
                 "--root",
                 "/run/x/state",
                 "--network=none",
+                "--oci-seccomp",
                 "--platform=ptrace",
                 "start",
                 "id"
