@@ -340,14 +340,19 @@ mod tests {
         let denied = &rules[0];
         assert_eq!(denied["action"], json!("SCMP_ACT_ERRNO"));
         assert_eq!(denied["errnoRet"], json!(1));
-        for name in ["mount", "unshare", "keyctl", "bpf", "ptrace", "syslog", "reboot"] {
+        for name in [
+            "mount", "unshare", "keyctl", "bpf", "ptrace", "syslog", "reboot",
+        ] {
             assert!(
                 denied["names"].as_array().unwrap().contains(&json!(name)),
                 "{name} not denied"
             );
         }
         // One rule per namespace flag (conditions in one rule are ANDed).
-        let clone: Vec<&Value> = rules.iter().filter(|r| r["names"] == json!(["clone"])).collect();
+        let clone: Vec<&Value> = rules
+            .iter()
+            .filter(|r| r["names"] == json!(["clone"]))
+            .collect();
         assert_eq!(clone.len(), NAMESPACE_CLONE_FLAGS.len());
         for (r, &flag) in clone.iter().zip(NAMESPACE_CLONE_FLAGS) {
             assert_eq!(
@@ -360,7 +365,10 @@ mod tests {
         assert!(NAMESPACE_CLONE_FLAGS.contains(&0x1000_0000));
         assert!(NAMESPACE_CLONE_FLAGS.contains(&0x0002_0000));
         assert!(!NAMESPACE_CLONE_FLAGS.contains(&0x0001_0000)); // CLONE_THREAD
-        let clone3 = rules.iter().find(|r| r["names"] == json!(["clone3"])).unwrap();
+        let clone3 = rules
+            .iter()
+            .find(|r| r["names"] == json!(["clone3"]))
+            .unwrap();
         assert_eq!(clone3["errnoRet"], json!(38));
     }
 

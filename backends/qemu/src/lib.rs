@@ -18,7 +18,9 @@
 //!   [`Backend::attributes`] (`accelerator = kvm|tcg`) is pure and the same for the whole run.
 //! - **Limits**: `memoryMaxBytes` and `pidsMax` are enforced by cgroup v2 inside the guest (the
 //!   guest RAM is raised above the limit, so the cgroup, not the VM, runs out); an OOM kill is
-//!   reported as [`Termination::OutOfMemory`].
+//!   reported as [`Termination::OutOfMemory`]. `cpuMax` and `openFiles` are not applied yet.
+//! - **Hardening**: the in-guest checks only show what the guest kernel allows its own
+//!   processes, so their capabilities are declared unsupported; the boundary is the VMM process.
 
 //!
 //! Files: `vm` (the QEMU process and its channels), `agent` (the guest agent's requests: the
@@ -213,6 +215,10 @@ impl Inner {
     }
 }
 
+/// Why the in-guest hardening checks do not apply: they only show what the guest kernel allows
+/// its own processes; the isolation boundary of a microVM is the VMM process on the host.
+const GUEST_KERNEL: &str = "an in-guest check concerns only the guest kernel; the boundary of a microVM is the VMM process on the host";
+
 #[async_trait]
 impl Backend for QemuBackend {
     fn name(&self) -> &str {
@@ -220,7 +226,16 @@ impl Backend for QemuBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::default()
+        let in_guest = [
+            Capability::DropCapabilities,
+            Capability::NoNewPrivs,
+            Capability::Seccomp,
+            Capability::ReadonlyRoot,
+            Capability::ProcMasking,
+            Capability::MinimalDev,
+            Capability::CgroupIsolation,
+        ];
+        let caps = Capabilities::default()
             .with(Capability::Exec)
             .with(Capability::Snapshot)
             .with(Capability::Pause)
@@ -235,6 +250,17 @@ impl Backend for QemuBackend {
                 Capability::HostPid,
                 "a microVM workload has no host-visible pid",
             )
+            .without(
+                Capability::Rlimits,
+                "the guest agent does not apply limits.openFiles to the workload yet",
+            )
+            .without(
+                Capability::CpuLimit,
+                "the guest agent's cgroup carries only memory and pids limits; cpuMax is not applied",
+            );
+        in_guest
+            .into_iter()
+            .fold(caps, |c, cap| c.without(cap, GUEST_KERNEL))
     }
 
     async fn preflight(&self) -> Availability {
