@@ -13,10 +13,15 @@
 //!
 //! A known failure still runs: failing is the expected result (`xfail`), passing fails the trial
 //! (`xpass`). A skip lists the trial as ignored with the entry's reason. The first matching entry
-//! wins. Expiry is not applied here (an expired entry still matches); `cargo xtask` validates the
-//! file's dates and staleness with [`Expectations::parse`] and [`Expectation::expired_on`], for
-//! the same file the suite reads ([`Expectations::path_in`]).
+//! wins.
+//!
+//! The suite and `cargo xtask` check a file the same way, with [`Expectations::load_checked`]:
+//! an unknown field, an entry naming a backend that is not registered, a scenario glob matching
+//! no trial of its backend, or an entry past its expiry is an error naming the file, the entry
+//! and the problem.
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -81,10 +86,88 @@ struct File {
     expect: Vec<Expectation>,
 }
 
+/// What an expectations file is checked against: every backend the run knows (registered in the
+/// suite, built in, or configured), each with the `family::scenario` paths of its trials.
+pub type Catalog = BTreeMap<String, BTreeSet<String>>;
+
+/// What is wrong with one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum EntryProblemKind {
+    /// `backend` names no backend of the catalog.
+    UnknownBackend,
+    /// `scenario` matches no trial of its backend.
+    MatchesNoTrial,
+    /// Today is past `expires`.
+    Expired,
+}
+
+/// One entry's problem, naming the file and the entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EntryProblem {
+    pub file: PathBuf,
+    /// 1-based, in file order.
+    pub entry: usize,
+    /// `backend × class × scenario`.
+    pub label: String,
+    pub kind: EntryProblemKind,
+    pub detail: String,
+}
+
+impl fmt::Display for EntryProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: entry {} ({}): {}",
+            self.file.display(),
+            self.entry,
+            self.label,
+            self.detail
+        )
+    }
+}
+
+/// Why an expectations file cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ExpectationsError {
+    /// Unreadable, not TOML, an unknown field, a bad date or an empty field.
+    Read { file: PathBuf, message: String },
+    /// Parsed, but entries are wrong for this run's backends and trials.
+    Entries(Vec<EntryProblem>),
+}
+
+impl fmt::Display for ExpectationsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ExpectationsError::Read { file, message } => {
+                write!(f, "{}: {message}", file.display())
+            }
+            ExpectationsError::Entries(ps) => {
+                let lines: Vec<String> = ps.iter().map(|p| p.to_string()).collect();
+                f.write_str(&lines.join("\n"))
+            }
+        }
+    }
+}
+
+impl std::error::Error for ExpectationsError {}
+
 impl Expectations {
     /// Parse the file's text; every entry must have a valid `expires` date and non-empty fields.
     pub fn parse(text: &str) -> Result<Self, String> {
-        let f: File = toml::from_str(text).map_err(|e| format!("expectations: {e}"))?;
+        let f: File = toml::from_str(text).map_err(|e| {
+            // toml names the field and the line; say which entry that is, too.
+            let entry = e
+                .span()
+                .map(|s| {
+                    text[..s.start.min(text.len())]
+                        .matches("[[expect]]")
+                        .count()
+                })
+                .filter(|&n| n > 0)
+                .map(|n| format!("entry {n}: "))
+                .unwrap_or_default();
+            format!("expectations: {entry}{}", e.message())
+        })?;
         for (i, e) in f.expect.iter().enumerate() {
             for (field, v) in [
                 ("backend", &e.backend),
@@ -93,36 +176,105 @@ impl Expectations {
                 ("reason", &e.reason),
             ] {
                 if v.trim().is_empty() {
-                    return Err(format!("expectations: entry {i}: `{field}` is empty"));
+                    return Err(format!("expectations: entry {}: `{field}` is empty", i + 1));
                 }
             }
             e.expires_date()
-                .map_err(|m| format!("expectations: entry {i}: expires: {m}"))?;
+                .map_err(|m| format!("expectations: entry {}: expires: {m}", i + 1))?;
         }
         Ok(Expectations { entries: f.expect })
     }
 
-    /// Load from `path`; a missing file means no expectations.
-    pub fn load(path: &Path) -> Result<Self, String> {
-        match std::fs::read_to_string(path) {
-            Ok(t) => Self::parse(&t).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Self::default()),
-            Err(e) => Err(format!("{}: {e}", path.display())),
+    /// Every problem of the entries against `catalog` on `today`, in file order: an unknown
+    /// backend, a scenario glob matching no trial of its backend, an expired entry.
+    pub fn problems(&self, file: &Path, catalog: &Catalog, today: Date) -> Vec<EntryProblem> {
+        let mut out = Vec::new();
+        for (i, e) in self.entries.iter().enumerate() {
+            let mut push = |kind, detail: String| {
+                out.push(EntryProblem {
+                    file: file.to_path_buf(),
+                    entry: i + 1,
+                    label: format!("{} × {} × {}", e.backend, e.class, e.scenario),
+                    kind,
+                    detail,
+                })
+            };
+            match catalog.get(&e.backend) {
+                None => push(
+                    EntryProblemKind::UnknownBackend,
+                    format!(
+                        "unknown backend {:?}; known: {}",
+                        e.backend,
+                        catalog.keys().cloned().collect::<Vec<_>>().join(", ")
+                    ),
+                ),
+                Some(paths) if !paths.iter().any(|p| glob_match(&e.scenario, p)) => push(
+                    EntryProblemKind::MatchesNoTrial,
+                    format!(
+                        "scenario {:?} matches no trial of backend {}: remove or correct it",
+                        e.scenario, e.backend
+                    ),
+                ),
+                Some(_) => {}
+            }
+            // parse() checked the date.
+            if e.expired_on(today).unwrap_or(false) {
+                push(
+                    EntryProblemKind::Expired,
+                    format!(
+                        "expired on {} ({}): fix the backend or renew the entry with a new reason",
+                        e.expires,
+                        e.describe()
+                    ),
+                );
+            }
+        }
+        out
+    }
+
+    /// Read `path` and check it against `catalog` on `today`: the one validation the suite and
+    /// xtask both apply (xtask reports [`Expectations::problems`] in its verdict).
+    pub fn load_checked(
+        path: &Path,
+        required: bool,
+        catalog: &Catalog,
+        today: Date,
+    ) -> Result<Self, ExpectationsError> {
+        let exps = Self::read(path, required)?;
+        let problems = exps.problems(path, catalog, today);
+        if problems.is_empty() {
+            Ok(exps)
+        } else {
+            Err(ExpectationsError::Entries(problems))
         }
     }
 
-    /// `CELLCHECK_EXPECTATIONS`, else `<workspace>/matrix/expectations.toml`.
-    pub fn default_path() -> PathBuf {
-        Self::path_in(&cellcheck_fixtures::workspace_root())
+    /// Read and parse `path`. A missing file is no expectations unless `required` (a file the
+    /// user named must exist).
+    pub fn read(path: &Path, required: bool) -> Result<Self, ExpectationsError> {
+        let read_err = |message: String| ExpectationsError::Read {
+            file: path.to_path_buf(),
+            message,
+        };
+        match std::fs::read_to_string(path) {
+            Ok(t) => Self::parse(&t).map_err(read_err),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => Ok(Self::default()),
+            Err(e) => Err(read_err(format!("expectations: {e}"))),
+        }
     }
 
-    /// `CELLCHECK_EXPECTATIONS`, else `<root>/matrix/expectations.toml`: the one source the suite
-    /// and xtask both read, so xtask's checks (expiry, staleness) cover whichever file is used.
-    pub fn path_in(root: &Path) -> PathBuf {
-        std::env::var_os("CELLCHECK_EXPECTATIONS")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("matrix/expectations.toml"))
+    /// The file a run reads and whether the user named it: `CELLCHECK_EXPECTATIONS` if set,
+    /// else `default` (none: no expectations).
+    pub fn source(default: Option<&Path>) -> Option<(PathBuf, bool)> {
+        match std::env::var_os("CELLCHECK_EXPECTATIONS").filter(|v| !v.is_empty()) {
+            Some(p) => Some((PathBuf::from(p), true)),
+            None => default.map(|d| (d.to_path_buf(), false)),
+        }
+    }
+
+    /// This repository's file, `<workspace>/matrix/expectations.toml`.
+    pub fn repository_file() -> PathBuf {
+        cellcheck_fixtures::workspace_root().join("matrix/expectations.toml")
     }
 
     pub fn lookup(
@@ -243,24 +395,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn suite_and_xtask_read_the_same_file() {
+    fn the_variable_overrides_the_default_file() {
         // The only test in this crate touching the variable.
-        let root = Path::new("/repo");
+        let default = Path::new("/repo/matrix/expectations.toml");
         std::env::set_var("CELLCHECK_EXPECTATIONS", "/elsewhere/exp.toml");
         assert_eq!(
-            Expectations::path_in(root),
-            PathBuf::from("/elsewhere/exp.toml")
+            Expectations::source(Some(default)),
+            Some((PathBuf::from("/elsewhere/exp.toml"), true))
+        );
+        assert_eq!(
+            Expectations::source(None),
+            Some((PathBuf::from("/elsewhere/exp.toml"), true))
         );
         std::env::set_var("CELLCHECK_EXPECTATIONS", "");
         assert_eq!(
-            Expectations::path_in(root),
-            root.join("matrix/expectations.toml")
+            Expectations::source(Some(default)),
+            Some((default.to_path_buf(), false))
         );
         std::env::remove_var("CELLCHECK_EXPECTATIONS");
-        assert_eq!(
-            Expectations::path_in(root),
-            root.join("matrix/expectations.toml")
-        );
+        assert_eq!(Expectations::source(None), None);
     }
 
     #[test]
@@ -336,6 +489,110 @@ expires = "2024-02-29"
         assert!(Expectations::parse(&empty_reason)
             .unwrap_err()
             .contains("reason"));
+    }
+
+    fn catalog() -> Catalog {
+        let paths: BTreeSet<String> = ["isolation::env_inside", "snapshot::restore_twice"]
+            .map(String::from)
+            .into();
+        [("runsc".to_string(), paths.clone()), ("runc".into(), paths)].into()
+    }
+
+    fn write(dir: &Path, text: &str) -> PathBuf {
+        let p = dir.join("exp.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const TODAY: Date = (2024, 2, 1);
+
+    #[test]
+    fn a_valid_file_is_accepted() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), SAMPLE);
+        let e = Expectations::load_checked(&p, true, &catalog(), TODAY).unwrap();
+        assert_eq!(e.entries.len(), 2);
+    }
+
+    fn entry_error(text: &str, today: Date) -> (PathBuf, Vec<EntryProblem>) {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), text);
+        match Expectations::load_checked(&p, true, &catalog(), today) {
+            Err(ExpectationsError::Entries(ps)) => (p, ps),
+            other => panic!("want entry problems, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_unknown_backend_is_an_error_naming_file_and_entry() {
+        let (p, ps) = entry_error(&SAMPLE.replacen("\"runsc\"", "\"runsk\"", 1), TODAY);
+        assert_eq!(ps.len(), 1);
+        assert_eq!(ps[0].kind, EntryProblemKind::UnknownBackend);
+        let m = ps[0].to_string();
+        assert!(
+            m.starts_with(&format!(
+                "{}: entry 1 (runsk × linux-* × isolation::env_*)",
+                p.display()
+            )),
+            "{m}"
+        );
+        assert!(m.contains("known: runc, runsc"), "{m}");
+    }
+
+    #[test]
+    fn a_glob_matching_no_trial_is_an_error() {
+        let (_, ps) = entry_error(&SAMPLE.replace("snapshot::*", "snapshots::*"), TODAY);
+        assert_eq!(ps.len(), 1);
+        assert_eq!(ps[0].kind, EntryProblemKind::MatchesNoTrial);
+        assert_eq!(ps[0].entry, 2);
+        assert!(ps[0]
+            .to_string()
+            .contains("\"snapshots::*\" matches no trial of backend runsc"));
+    }
+
+    #[test]
+    fn an_expired_entry_is_an_error() {
+        // Entry 2 expires 2024-02-29: valid on that day, expired the day after.
+        let d = tempfile::tempdir().unwrap();
+        let p = write(d.path(), SAMPLE);
+        assert!(Expectations::load_checked(&p, true, &catalog(), (2024, 2, 29)).is_ok());
+        let (_, ps) = entry_error(SAMPLE, (2024, 3, 1));
+        assert_eq!(ps.len(), 1);
+        assert_eq!(ps[0].kind, EntryProblemKind::Expired);
+        assert!(
+            ps[0]
+                .to_string()
+                .contains("entry 2 (runsc × * × snapshot::*): expired on 2024-02-29"),
+            "{}",
+            ps[0]
+        );
+    }
+
+    #[test]
+    fn an_unknown_field_is_an_error_naming_file_entry_and_field() {
+        let d = tempfile::tempdir().unwrap();
+        let p = write(
+            d.path(),
+            &SAMPLE.replace("expires = \"2024", "expire = \"2024"),
+        );
+        let e = Expectations::load_checked(&p, true, &catalog(), TODAY).unwrap_err();
+        let m = e.to_string();
+        assert!(matches!(e, ExpectationsError::Read { .. }), "{m}");
+        assert!(m.starts_with(&p.display().to_string()), "{m}");
+        assert!(m.contains("entry 2"), "{m}");
+        assert!(m.contains("expire"), "{m}");
+    }
+
+    #[test]
+    fn a_named_file_must_exist() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("missing.toml");
+        let e = Expectations::load_checked(&p, true, &catalog(), TODAY).unwrap_err();
+        assert!(e.to_string().contains("missing.toml"), "{e}");
+        assert!(Expectations::load_checked(&p, false, &catalog(), TODAY)
+            .unwrap()
+            .entries
+            .is_empty());
     }
 
     #[test]

@@ -7,7 +7,7 @@ use cellcheck_contract::{Availability, Backend};
 use cellcheck_fixtures::Fixtures;
 use libtest_mimic::{Arguments, Completion, Failed, Trial};
 
-use crate::expectations::{self, Expectations, ExpectedOutcome};
+use crate::expectations::{self, Catalog, Expectations, ExpectationsError, ExpectedOutcome};
 use crate::harness::{self, RunReport, Scenario};
 use crate::results::{self, Outcome, ResultLine};
 
@@ -28,6 +28,8 @@ enum Factory {
 pub struct Suite {
     backends: Vec<Factory>,
     scenarios: Vec<Scenario>,
+    /// The expectations file when `CELLCHECK_EXPECTATIONS` is not set.
+    expectations: Option<std::path::PathBuf>,
 }
 
 impl Default for Suite {
@@ -71,7 +73,32 @@ impl Suite {
         Suite {
             backends: Vec::new(),
             scenarios: crate::scenarios::all(),
+            expectations: None,
         }
+    }
+
+    /// Read known failures and justified skips from `path` (see [`crate::expectations`]) when
+    /// `CELLCHECK_EXPECTATIONS` does not name another file; a missing file means none. Without
+    /// it a suite reads only `CELLCHECK_EXPECTATIONS`.
+    pub fn expectations_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.expectations = Some(path.into());
+        self
+    }
+
+    /// The expectations of this run, checked against this suite's backends and scenarios (an
+    /// unknown backend, a glob matching no trial, an expired entry, an unknown field are errors).
+    pub fn load_expectations(&self) -> Result<Expectations, ExpectationsError> {
+        let Some((path, required)) = Expectations::source(self.expectations.as_deref()) else {
+            return Ok(Expectations::default());
+        };
+        let paths: std::collections::BTreeSet<String> =
+            self.scenarios.iter().map(|s| s.path()).collect();
+        let catalog: Catalog = self
+            .names()
+            .into_iter()
+            .map(|n| (n, paths.clone()))
+            .collect();
+        Expectations::load_checked(&path, required, &catalog, expectations::today_utc())
     }
 
     /// Register a backend by factory. The factory runs lazily, once per process, and must be cheap
@@ -136,6 +163,11 @@ impl Suite {
             eprintln!("cellcheck: {e}");
             return ExitCode::FAILURE;
         }
+        // Wrong expectations would fail every trial alike: one clear error instead.
+        if let Err(e) = self.load_expectations() {
+            eprintln!("cellcheck: expectations cannot be used:\n{e}");
+            return ExitCode::FAILURE;
+        }
         let trials = self.trials(&args);
         libtest_mimic::run(&args, trials).exit_code()
     }
@@ -162,7 +194,7 @@ impl Suite {
             .map(|s| s.split(',').map(|x| x.trim().to_string()).collect());
         let strict = std::env::var("CELLCHECK_STRICT").is_ok_and(|v| v == "1");
         let class = expectations::host_class();
-        let (exps, exp_error) = match Expectations::load(&Expectations::default_path()) {
+        let (exps, exp_error) = match self.load_expectations() {
             Ok(e) => (e, None),
             Err(e) => (Expectations::default(), Some(e)),
         };

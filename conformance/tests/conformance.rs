@@ -2,15 +2,17 @@
 //!
 //! The backends come from `cellcheck-registry`, the one list of built-in backends.
 //! `CELLCHECK_BACKENDS=host,runc` restricts the listed backends; `CELLCHECK_REMOTE_DRIVER="cmd
-//! args"` adds an outside driver as backend `remote`.
+//! args"` adds an outside driver as backend `remote`. Known failures: `matrix/expectations.toml`,
+//! or the file `CELLCHECK_EXPECTATIONS` names.
 
 use std::process::ExitCode;
 
+use cellcheck_conformance::expectations::Expectations;
 use cellcheck_conformance::Suite;
 use cellcheck_registry::Registry;
 
 fn main() -> ExitCode {
-    let mut suite = Suite::new();
+    let mut suite = Suite::new().expectations_file(Expectations::repository_file());
     for entry in Registry::builtin().with_env_driver().entries() {
         let factory = entry.factory.clone();
         suite = match &entry.configured_by {

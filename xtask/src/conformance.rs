@@ -14,7 +14,7 @@ use crate::matrix::{self, Selected};
 use crate::nextest::{file_len, list_trials, nextest_base, Listed, Progress, PACKAGE, TEST};
 use crate::probe;
 use crate::report::Report;
-use crate::util::{out_dir, project_root};
+use crate::util::out_dir;
 use crate::verdict::{self, Judged, ProblemKind};
 
 /// `cargo xtask conformance`'s flags.
@@ -311,23 +311,57 @@ pub fn fill(plan: &Plan, rounds: &Rounds) -> Vec<TrialResult> {
     complete(folded, &plan.listed, &plan.unusable, plan.first_shard())
 }
 
+/// What the expectations are checked against: the backends of this run with the trials the suite
+/// listed for them, and every other backend in `known` with the whole scenario set (the suite
+/// lists every scenario for every backend, run or skipped).
+pub fn catalog(
+    listed: &BTreeSet<String>,
+    run: &BTreeSet<String>,
+    known: &[String],
+) -> cellcheck_conformance::expectations::Catalog {
+    let all: BTreeSet<String> = cellcheck_conformance::scenarios::all()
+        .iter()
+        .map(|s| s.path())
+        .collect();
+    let mut c: cellcheck_conformance::expectations::Catalog =
+        known.iter().map(|k| (k.clone(), all.clone())).collect();
+    for b in run {
+        let prefix = format!("{b}::");
+        c.insert(
+            b.clone(),
+            listed
+                .iter()
+                .filter_map(|id| id.strip_prefix(&prefix).map(String::from))
+                .collect(),
+        );
+    }
+    c
+}
+
 /// Step 4, judge: why the run fails, from its results and the expectations.
 pub fn judge(plan: &Plan, results: &[TrialResult]) -> Result<Vec<verdict::Problem>> {
-    // The file the suite read (CELLCHECK_EXPECTATIONS or the repository's), so its expiry and
-    // staleness are checked whichever it is.
-    let expectations = cellcheck_conformance::expectations::Expectations::load(
-        &cellcheck_conformance::expectations::Expectations::path_in(&project_root()),
-    )
-    .map_err(anyhow::Error::msg)?;
+    use cellcheck_conformance::expectations::Expectations;
+    // The file the suite read (CELLCHECK_EXPECTATIONS or the repository's), checked by the
+    // suite's own function; its entry problems become the verdict's.
+    let default = Expectations::repository_file();
+    let (path, required) = Expectations::source(Some(&default)).unwrap_or((default.clone(), false));
     let listed_ids: BTreeSet<String> = plan.listed.iter().map(|l| l.name.clone()).collect();
     let listed_backends: BTreeSet<String> = plan.chosen.iter().cloned().collect();
+    let known = cellcheck_registry::Registry::builtin()
+        .with_env_driver()
+        .names();
+    let catalog = catalog(&listed_ids, &listed_backends, &known);
+    let today = cellcheck_conformance::expectations::today_utc();
+    let expectations = Expectations::read(&path, required)?;
     Ok(verdict::judge(&Judged {
         results,
         listed: &listed_ids,
         backends: &listed_backends,
         class: &plan.class,
         expectations: &expectations,
-        today: cellcheck_conformance::expectations::today_utc(),
+        expectations_file: &path,
+        catalog: &catalog,
+        today,
         strict: plan.strict,
         unusable: &plan.unusable,
     }))

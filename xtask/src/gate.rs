@@ -285,6 +285,8 @@ mod tests {
             backends: &backends,
             class: "linux-nokvm",
             expectations: &exp,
+            expectations_file: std::path::Path::new("matrix/expectations.toml"),
+            catalog: &Default::default(),
             today: parse_date("2026-11-30").unwrap(),
             strict: true,
             unusable: &BTreeMap::new(),

@@ -3,7 +3,11 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
-use cellcheck_conformance::expectations::{glob_match, Date, Expectations, ExpectedOutcome};
+use std::path::Path;
+
+use cellcheck_conformance::expectations::{
+    Catalog, Date, EntryProblemKind, Expectations, ExpectedOutcome,
+};
 use serde::{Deserialize, Serialize};
 
 use cellcheck_conformance::results::{Outcome, TrialResult};
@@ -19,6 +23,8 @@ pub enum ProblemKind {
     NoTrials,
     ExpiredExpectation,
     StaleExpectation,
+    /// An expectation naming a backend the run does not know.
+    UnknownBackendExpectation,
 }
 
 impl fmt::Display for ProblemKind {
@@ -31,6 +37,7 @@ impl fmt::Display for ProblemKind {
             ProblemKind::NoTrials => "no trials",
             ProblemKind::ExpiredExpectation => "expired expectation",
             ProblemKind::StaleExpectation => "stale expectation",
+            ProblemKind::UnknownBackendExpectation => "expectation for an unknown backend",
         })
     }
 }
@@ -53,6 +60,10 @@ pub struct Judged<'a> {
     pub backends: &'a BTreeSet<String>,
     pub class: &'a str,
     pub expectations: &'a Expectations,
+    /// The file the expectations came from, for messages.
+    pub expectations_file: &'a Path,
+    /// Every backend the run knows, with its trials: what the expectations are checked against.
+    pub catalog: &'a Catalog,
     pub today: Date,
     pub strict: bool,
     /// Backends this host cannot run, with the probe's evidence: their skips are justified.
@@ -90,43 +101,23 @@ pub fn judge(j: &Judged) -> Vec<Problem> {
             });
         }
     }
-    for e in &j.expectations.entries {
-        let label = format!("{} × {} × {}", e.backend, e.class, e.scenario);
-        match e.expired_on(j.today) {
-            Ok(true) => out.push(Problem {
-                kind: ProblemKind::ExpiredExpectation,
-                trial: None,
-                message: format!(
-                    "{label} expired on {} ({}): fix the backend or renew the entry with a new reason",
-                    e.expires,
-                    e.describe()
-                ),
-            }),
-            Ok(false) => {}
-            Err(m) => out.push(Problem {
-                kind: ProblemKind::ExpiredExpectation,
-                trial: None,
-                message: format!("{label}: unreadable expiry: {m}"),
-            }),
-        }
-        let decidable = j.backends.contains(&e.backend) && glob_match(&e.class, j.class);
-        if decidable && !matches_any(&e.backend, &e.scenario, j.listed) {
-            out.push(Problem {
-                kind: ProblemKind::StaleExpectation,
-                trial: None,
-                message: format!("{label} matches no listed trial: remove or correct it"),
-            });
-        }
+    // The suite's own check of the file (it refuses to list with any of these), so a run
+    // judged from results alone says the same.
+    for p in j
+        .expectations
+        .problems(j.expectations_file, j.catalog, j.today)
+    {
+        out.push(Problem {
+            kind: match p.kind {
+                EntryProblemKind::Expired => ProblemKind::ExpiredExpectation,
+                EntryProblemKind::MatchesNoTrial => ProblemKind::StaleExpectation,
+                EntryProblemKind::UnknownBackend => ProblemKind::UnknownBackendExpectation,
+            },
+            trial: None,
+            message: p.to_string(),
+        });
     }
     out
-}
-
-fn matches_any(backend: &str, scenario_glob: &str, listed: &BTreeSet<String>) -> bool {
-    let prefix = format!("{backend}::");
-    listed
-        .iter()
-        .filter_map(|id| id.strip_prefix(&prefix))
-        .any(|rest| glob_match(scenario_glob, rest))
 }
 
 /// A skip is explained by an expectation, by the host lacking what the backend needs, or by
@@ -205,12 +196,15 @@ expires = "2027-06-30"
             }
         }
         fn judge(&self, today: Date, strict: bool) -> Vec<Problem> {
+            let catalog = crate::conformance::catalog(&self.listed, &self.backends, &[]);
             judge(&Judged {
                 results: &self.results,
                 listed: &self.listed,
                 backends: &self.backends,
                 class: "linux-nokvm",
                 expectations: &self.exp,
+                expectations_file: Path::new("exp.toml"),
+                catalog: &catalog,
                 today,
                 strict,
                 unusable: &self.unusable,
@@ -274,17 +268,37 @@ expires = "2027-06-30"
     }
 
     #[test]
-    fn a_stale_entry_fails_the_run_only_where_decidable() {
+    fn a_stale_entry_fails_the_run() {
         let mut c = Case::new(clean_runsc());
         c.listed.remove("runsc::isolation::env_inside");
         c.results.remove(0);
         let p = c.judge(TODAY, false);
         assert_eq!(kinds(&p), [ProblemKind::StaleExpectation]);
+        assert!(
+            p[0].message.starts_with("exp.toml: entry 1 "),
+            "{}",
+            p[0].message
+        );
         assert!(p[0].message.contains("isolation::env_*"));
-        // A run that did not list runsc cannot tell whether a runsc entry is stale.
+    }
+
+    #[test]
+    fn an_entry_for_an_unknown_backend_fails_the_run() {
         let mut c = Case::new(vec![sample("host::exit::code_0", Outcome::Pass, "", 3)]);
-        c.backends.insert("host".into());
-        assert_eq!(c.judge(TODAY, false), vec![]);
+        c.backends = ["host".to_string()].into();
+        let p = c.judge(TODAY, false);
+        assert_eq!(
+            kinds(&p),
+            [
+                ProblemKind::UnknownBackendExpectation,
+                ProblemKind::UnknownBackendExpectation
+            ]
+        );
+        assert!(
+            p[0].message.contains("unknown backend \"runsc\""),
+            "{}",
+            p[0].message
+        );
     }
 
     #[test]
