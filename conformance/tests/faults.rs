@@ -248,6 +248,14 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
     (Fault::Unhardened, &["hardening::cgroup_view"], |_| {
         vec!["no cgroup namespace".into()]
     }),
+    (Fault::Unhardened, &["hardening::hostile_script"], |_| {
+        vec![
+            "escape attempts were not refused".into(),
+            "mount_tmpfs: succeeded".into(),
+            "unshare_user: succeeded".into(),
+            "chroot: succeeded".into(),
+        ]
+    }),
     (Fault::ExtraDevice, &["hardening::dev_minimal"], |_| {
         vec![
             "/dev holds nodes beyond the standard set".into(),

@@ -6,6 +6,7 @@ use crate::harness::Scenario;
 pub mod exec;
 pub mod exit;
 pub mod hardening;
+pub mod hostile;
 pub mod isolation;
 pub mod lifecycle;
 pub mod limits;
@@ -40,6 +41,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(snapshot::scenarios());
     v.extend(pause::scenarios());
     v.extend(hardening::scenarios());
+    v.extend(hostile::scenarios());
     v.extend(exec::scenarios());
     v
 }
