@@ -44,6 +44,8 @@
 //! - `CELLCHECK_EXPECTATIONS` overrides `matrix/expectations.toml` (see [`expectations`]).
 //! - `CELLCHECK_RESULTS=<path>` appends one JSON line per trial (see [`results`]).
 //! - `CELLCHECK_PREFLIGHT_CACHE=0` disables the per-backend preflight cache.
+//! - `CELLCHECK_TRACE` filters what backends trace into a failing trial's message (default
+//!   `debug`, `off` for none); `RUST_LOG` prints traces live to stderr (see [`trace`]).
 //!
 //! Every scenario is followed by the residue checker ([`residue`]), scoped to the cells the
 //! scenario touched, so scenarios may run in parallel in one process.
@@ -62,6 +64,7 @@ pub mod residue;
 pub mod results;
 pub mod scenarios;
 mod suite;
+pub mod trace;
 
 pub use harness::{Ctx, Failure, Scenario};
 pub use suite::{check_selection, run_scenario, run_scenario_bounded, Suite};

@@ -168,6 +168,10 @@ impl Suite {
             eprintln!("cellcheck: expectations cannot be used:\n{e}");
             return ExitCode::FAILURE;
         }
+        if let Err(e) = crate::trace::install() {
+            eprintln!("cellcheck: {e}");
+            return ExitCode::FAILURE;
+        }
         let trials = self.trials(&args);
         libtest_mimic::run(&args, trials).exit_code()
     }

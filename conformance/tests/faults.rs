@@ -350,6 +350,56 @@ fn fault_trial(
     })
 }
 
+/// A trial that fails over the host backend ends its message with what the host backend traced
+/// for the trial's cell: its create, wait and destroy spans with their key events, in order.
+fn trace_in_failure() -> Result<(), Failed> {
+    let faulty = Arc::new(FaultyBackend::new(host(), Fault::MisreportExit));
+    let verdict = run_scenario_bounded(faulty.clone(), "exit::code_42", None);
+    faulty.cleanup_created();
+    let msg = match verdict {
+        Ok(()) => return Err("exit::code_42 passed despite MisreportExit".into()),
+        Err(m) => m,
+    };
+    let at = msg
+        .rfind("\ntrace of cell ")
+        .ok_or_else(|| format!("no trace section in:\n{msg}"))?;
+    let (before, trace) = msg.split_at(at);
+    // The cell the harness named is the one traced, and nothing follows the trace.
+    let cell = before
+        .lines()
+        .find_map(|l| l.strip_prefix("cells touched: "))
+        .ok_or_else(|| format!("no cells line in:\n{msg}"))?;
+    let mut problems = Vec::new();
+    if !trace.starts_with(&format!("\ntrace of cell {cell} (")) {
+        problems.push(format!("the trace is not {cell:?}'s"));
+    }
+    let lines: Vec<&str> = trace.lines().skip(2).collect();
+    if lines.iter().any(|l| !l.starts_with("  ")) {
+        problems.push("something other than trace lines follows the trace".into());
+    }
+    // In order: each wanted line after the previous one.
+    let mut from = 0;
+    for want in [
+        "host{op=\"create\" backend=host}: begin",
+        "cgroup made",
+        "init spawned",
+        "host{op=\"create\" backend=host}: end after",
+        "host{op=\"wait\" backend=host}: begin",
+        "host{op=\"destroy\" backend=host}: begin",
+        "teardown over",
+    ] {
+        match lines[from..].iter().position(|l| l.contains(want)) {
+            Some(i) => from += i + 1,
+            None => problems.push(format!("no {want:?} after line {from}")),
+        }
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("{}\nin:\n{msg}", problems.join("\n")).into())
+    }
+}
+
 fn main() -> ExitCode {
     // Before any thread: the canary goes into this process's env.
     ids::canary();
@@ -372,6 +422,10 @@ fn main() -> ExitCode {
         .collect();
     all.sort();
     all.dedup();
+    trials.push(Trial::test(
+        "faults::failure_message_ends_with_the_backends_trace",
+        trace_in_failure,
+    ));
     trials.push(Trial::test(
         "faults::plain_host_passes_the_same_scenarios",
         move || {

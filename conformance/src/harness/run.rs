@@ -74,6 +74,9 @@ pub struct RunReport {
 /// every live cell destroyed and every touched cell checked for residue.
 pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunReport {
     ACTIVE_TRIALS.fetch_add(1, Ordering::SeqCst);
+    // An error here (a bad CELLCHECK_TRACE) is told in the trace section of a failure; the suite
+    // refuses to start with it.
+    let _ = crate::trace::install();
     let start = Instant::now();
     audit::window().add_roots(audit::state_roots(&*backend));
     let trial = format!("{}::{}::{}", backend.name(), sc.family, sc.name);
@@ -201,6 +204,11 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
         parts.push(cleanup_errors.join("\n"));
     }
     let passed = parts.is_empty();
+    // Taken whether or not the trial failed, so passed trials' lines do not pile up. Cells the
+    // scenario made without the harness (the property test's) carry the trial's token.
+    let token = ctx.token().to_string();
+    let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
+    let trace = crate::trace::take_report(&ids, |c| c.contains(&token));
     let mut message = String::new();
     if !passed {
         message = format!(
@@ -210,13 +218,17 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
             sc.name,
             parts.join("\n")
         );
-        let ids: Vec<&str> = cells.iter().map(|c| c.id.as_str()).collect();
         if !ids.is_empty() {
             message.push_str(&format!("\ncells touched: {}", ids.join(", ")));
         }
         let outs = ctx.outputs_report();
         if !outs.is_empty() {
             message.push_str(&format!("\ncaptured output:{outs}"));
+        }
+        // Last, so the message ends with what the backend did on the way.
+        if !trace.is_empty() {
+            message.push('\n');
+            message.push_str(&trace);
         }
     }
     RunReport {
