@@ -262,6 +262,15 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
             format!("{:?}", faulty::EXTRA_DEVICE),
         ]
     }),
+    (Fault::WritableRoot, &["hardening::readonly_root"], |_| {
+        vec!["the root filesystem is writable".into()]
+    }),
+    (Fault::WritableRoot, &["hardening::hostile_script"], |_| {
+        vec![
+            "escape attempts were not refused".into(),
+            "write_root: succeeded (created /.hostile-".into(),
+        ]
+    }),
     (
         Fault::DropOpenFiles,
         &["hardening::rlimits_declared"],

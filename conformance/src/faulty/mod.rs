@@ -106,6 +106,10 @@ pub enum Fault {
     /// The declared `limits.openFiles` is dropped before the inner backend sees the document, so
     /// the default is applied instead.
     DropOpenFiles,
+    /// The workload's root filesystem is writable while the backend claims a read-only root: it
+    /// runs in a writable overlay of the cell's root (upper layer in the cell's own `/tmp`, so
+    /// nothing reaches the shared rootfs). Needs an unhardened inner backend.
+    WritableRoot,
 }
 
 /// The node [`Fault::ExtraDevice`] adds to the cell's `/dev` (a copy of `null`, harmless).
@@ -113,9 +117,13 @@ pub const EXTRA_DEVICE: &str = "cellcheck-extra";
 
 impl Fault {
     /// The fault shows only over a backend that does not harden its cells (the host backend with
-    /// `privileged`): a hardened cell could neither keep capabilities nor make a device node.
+    /// `privileged`): a hardened cell could neither keep capabilities, make a device node nor
+    /// mount an overlay.
     pub fn needs_unhardened_inner(self) -> bool {
-        matches!(self, Fault::Unhardened | Fault::ExtraDevice)
+        matches!(
+            self,
+            Fault::Unhardened | Fault::ExtraDevice | Fault::WritableRoot
+        )
     }
 }
 

@@ -8,6 +8,13 @@ use cellcheck_contract::{CellDocument, CellError, ExitReport, Termination};
 use super::{Fault, FaultyBackend, EXTRA_DEVICE};
 use crate::ids::canary;
 
+/// [`Fault::WritableRoot`]'s wrapper: an overlay of `/` whose upper layer is in the cell's tmpfs
+/// `/tmp`, the cell's `/proc`, `/dev` and `/sys` bound into it, and the workload chrooted there.
+const WRITABLE_ROOT: &str = "m=/tmp/.writable-root && mkdir -p $m/upper $m/work $m/root && \
+    mount -t overlay overlay -o lowerdir=/,upperdir=$m/upper,workdir=$m/work $m/root && \
+    for d in proc dev sys; do mount -o rbind /$d $m/root/$d || exit 1; done && \
+    exec /bin/busybox chroot $m/root \"$@\"";
+
 impl FaultyBackend {
     pub(super) fn wrap(&self, doc: &CellDocument) -> CellDocument {
         let mut d = doc.clone();
@@ -51,6 +58,16 @@ impl FaultyBackend {
                     "/bin/sh".to_string(),
                     "-c".to_string(),
                     format!("mknod /dev/{EXTRA_DEVICE} c 1 3 && exec \"$@\""),
+                    "sh".to_string(),
+                ];
+                argv.append(&mut d.spec.run.argv);
+                d.spec.run.argv = argv;
+            }
+            Fault::WritableRoot => {
+                let mut argv = vec![
+                    "/bin/sh".to_string(),
+                    "-c".to_string(),
+                    WRITABLE_ROOT.to_string(),
                     "sh".to_string(),
                 ];
                 argv.append(&mut d.spec.run.argv);
