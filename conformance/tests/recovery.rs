@@ -4,10 +4,14 @@
 //! The test runs this binary twice as a child: first in the `hold` role (creates cells on the
 //! host and runc backends, one of each paused, then waits), which it SIGKILLs; then in the
 //! `rerun` role, a normal suite run of one scenario per backend. Both share a private ledger.
+//!
+//! A second test runs the spec family's property test on the host backend behind a witness that
+//! looks for each cell's ledger entry while the cell lives: a killed property run must leave a
+//! record of its cells like any other scenario.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellcheck_conformance::audit::{self, Needles};
@@ -270,6 +274,109 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
     result.map_err(Failed::from)
 }
 
+/// The host backend, plus a look at the ledger at every create and wait: is this harness's entry
+/// for the cell on disk?
+struct LedgerWitness {
+    inner: Arc<dyn Backend>,
+    /// `(id, what was seen)` per admitted create and per wait.
+    seen: Mutex<Vec<(String, bool)>>,
+}
+
+impl LedgerWitness {
+    fn recorded(id: &str) -> bool {
+        let me = std::process::id();
+        std::fs::read_dir(ledger::dir())
+            .map(|r| {
+                r.flatten()
+                    .filter_map(|e| std::fs::read(e.path()).ok())
+                    .filter_map(|t| serde_json::from_slice::<ledger::Entry>(&t).ok())
+                    .any(|e| e.cell == id && e.harness_pid == me)
+            })
+            .unwrap_or(false)
+    }
+
+    fn look(&self, id: &str) {
+        let seen = Self::recorded(id);
+        self.seen.lock().unwrap().push((id.to_string(), seen));
+    }
+}
+
+#[async_trait::async_trait]
+impl Backend for LedgerWitness {
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+    fn capabilities(&self) -> cellcheck_contract::Capabilities {
+        self.inner.capabilities()
+    }
+    async fn preflight(&self) -> Availability {
+        self.inner.preflight().await
+    }
+    async fn create(
+        &self,
+        doc: &cellcheck_contract::CellDocument,
+    ) -> Result<cellcheck_contract::CellHandle, cellcheck_contract::CellError> {
+        // Only a document admission accepts has an id the ledger may record.
+        if doc.admit().is_ok() {
+            self.look(&doc.spec.id);
+        }
+        self.inner.create(doc).await
+    }
+    async fn wait(
+        &self,
+        id: &str,
+    ) -> Result<cellcheck_contract::ExitReport, cellcheck_contract::CellError> {
+        self.look(id);
+        self.inner.wait(id).await
+    }
+    async fn destroy(
+        &self,
+        id: &str,
+    ) -> Result<cellcheck_contract::TeardownReport, cellcheck_contract::CellError> {
+        self.inner.destroy(id).await
+    }
+    fn footprint(&self, id: &str) -> cellcheck_contract::Footprint {
+        self.inner.footprint(id)
+    }
+    async fn list(&self) -> Vec<String> {
+        self.inner.list().await
+    }
+}
+
+/// Every cell of the property test is in the ledger while it lives, and its entry is gone once it
+/// was checked clean.
+fn property_cells_in_the_ledger() -> Result<(), Failed> {
+    let fx = cellcheck_fixtures::ensure().map_err(|e| format!("fixtures: {e}"))?;
+    let w = Arc::new(LedgerWitness {
+        inner: host(&fx),
+        seen: Mutex::new(Vec::new()),
+    });
+    cellcheck_conformance::run_scenario(w.clone(), "spec::property_documents")?;
+    let seen = w.seen.lock().unwrap().clone();
+    let missing: Vec<&String> = seen.iter().filter(|(_, s)| !s).map(|(i, _)| i).collect();
+    if seen.is_empty() {
+        return Err("the property test created no admitted cell".into());
+    }
+    if !missing.is_empty() {
+        return Err(format!(
+            "{} of {} looks found no ledger entry for the live cell: {missing:?}",
+            missing.len(),
+            seen.len()
+        )
+        .into());
+    }
+    let left: Vec<&String> = seen
+        .iter()
+        .map(|(i, _)| i)
+        .filter(|i| LedgerWitness::recorded(i))
+        .collect();
+    if !left.is_empty() {
+        return Err(format!("ledger entries left after the trial: {left:?}").into());
+    }
+    println!("{} looks, each found the cell's ledger entry", seen.len());
+    Ok(())
+}
+
 fn main() -> ExitCode {
     match std::env::var(ROLE).as_deref() {
         Ok("hold") => return hold(),
@@ -277,9 +384,15 @@ fn main() -> ExitCode {
         _ => {}
     }
     let args = Arguments::from_args();
-    let trials = vec![Trial::test(
-        "recovery::sigkill_with_live_cells_then_rerun",
-        sigkill_then_rerun,
-    )];
+    let trials = vec![
+        Trial::test(
+            "recovery::sigkill_with_live_cells_then_rerun",
+            sigkill_then_rerun,
+        ),
+        Trial::test(
+            "recovery::property_cells_in_the_ledger",
+            property_cells_in_the_ledger,
+        ),
+    ];
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -20,6 +20,34 @@ impl Ctx {
         r
     }
 
+    /// The scenario destroyed `id` (or saw its create refused) and checked itself that it left
+    /// nothing: forget its records and remove its ledger entry, as the end of a trial does for
+    /// every clean cell. For scenarios that create cells one after another by the thousand (the
+    /// property test): the records, and the end-of-trial audit over them, then stay the size of
+    /// one case instead of growing with the case count. A record still live is kept (the harness
+    /// destroys and checks it afterwards).
+    ///
+    /// What a released cell leaves later is still found: at the end of the trial, and when the
+    /// audit window closes, anything that mentions this trial's token in an id (`cc-<token>-`) or a
+    /// marker (`ccm-<token>-`) is residue of the trial ([`Ctx::released_needles`]).
+    pub fn release_clean(&self, id: &str) {
+        let mut entries = Vec::new();
+        {
+            let mut st = self.st();
+            st.cells.retain(|c| {
+                let drop = c.id == id && !c.live;
+                if drop {
+                    entries.extend(c.ledger.clone());
+                }
+                !drop
+            });
+            st.released = true;
+        }
+        for p in entries {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+
     /// `backend.create`, which must succeed.
     pub async fn create(&self, doc: &CellDocument) -> Result<CellHandle, Failure> {
         self.try_create(doc)

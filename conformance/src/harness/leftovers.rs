@@ -34,7 +34,7 @@ impl Ctx {
             .cloned()
             .collect();
         // Fds are checked per trial against the fds open before it; here only the rest.
-        let (reports, _) = self.leftovers(&recs, None).await;
+        let (reports, _) = self.leftovers(&recs, None, None).await;
         match reports.into_iter().next() {
             Some((_, text)) => Err(self.fail(text)),
             None => Ok(()),
@@ -44,7 +44,8 @@ impl Ctx {
     /// What of `recs` is still on the host: the footprint's resources (the backend's word) and
     /// everything the host audit finds mentioning the cells (no word needed), as one report per
     /// leaking cell, plus the snapshot the audit took. Processes another live cell of the trial
-    /// claims by its own id or pid are that cell's, not these ones'.
+    /// claims by its own id or pid are that cell's, not these ones'. `released` names cells the
+    /// scenario already checked and forgot ([`Ctx::released_needles`]): looked for by the audit.
     ///
     /// Only what is freed asynchronously after every process of the cell is dead (a zombie
     /// awaiting its reaper, a veth or loop device being released) is looked at again, for at
@@ -53,6 +54,7 @@ impl Ctx {
         &self,
         recs: &[CellRec],
         fds_before: Option<&BTreeMap<i32, PathBuf>>,
+        released: Option<Needles>,
     ) -> (Vec<(String, String)>, Option<audit::Snapshot>) {
         let others: Vec<Needles> = {
             let ids: Vec<&str> = recs.iter().map(|c| c.id.as_str()).collect();
@@ -71,7 +73,8 @@ impl Ctx {
                 })
                 .collect()
         };
-        let needles: Vec<Needles> = recs.iter().map(|c| self.needles(c)).collect();
+        let mut needles: Vec<Needles> = recs.iter().map(|c| self.needles(c)).collect();
+        needles.extend(released);
         let roots = audit::window().roots();
         let start = Instant::now();
         loop {

@@ -157,6 +157,8 @@ struct State {
     /// Broken promises seen outside a scenario's own checks (a destroy that returned Ok while a
     /// process of the cell could still run).
     violations: Vec<String>,
+    /// Whether the scenario released cells it had checked clean itself ([`Ctx::release_clean`]).
+    released: bool,
 }
 
 struct Inner {
@@ -396,6 +398,24 @@ impl Ctx {
             }
             Err(err) => eprintln!("cellcheck: cannot write the ledger entry of {id}: {err}"),
         }
+    }
+
+    /// What names every cell this trial released ([`Ctx::release_clean`]), as one set of needles:
+    /// ids the harness mints start with `cc-<token>-` and markers with `ccm-<token>-`, and the token
+    /// is this trial's own random one, so nothing of another trial or run can match. `None` when
+    /// the scenario released nothing.
+    pub(super) fn released_needles(&self) -> Option<Needles> {
+        if !self.st().released {
+            return None;
+        }
+        let token = &self.inner.token;
+        Some(Needles {
+            cell: format!("cc-{token}-"),
+            marker: String::new(),
+            secrets: Vec::new(),
+            process_markers: vec![format!("ccm-{token}-")],
+            host_pids: Vec::new(),
+        })
     }
 
     /// Register a cell id as live (a restore the scenario performed itself).

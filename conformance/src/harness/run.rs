@@ -140,7 +140,10 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
         }
     }
     let audit_start = Instant::now();
-    let (leaks, after) = ctx.leftovers(&cells, Some(&fds_before)).await;
+    let released = ctx.released_needles();
+    let (leaks, after) = ctx
+        .leftovers(&cells, Some(&fds_before), released.clone())
+        .await;
     let leak_reports: Vec<String> = leaks.iter().map(|(_, t)| t.clone()).collect();
     // A cell that left nothing no longer needs its ledger entry; one that leaked keeps it, so
     // the next run removes what this one could only report.
@@ -152,7 +155,8 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
             }
         }
     }
-    let needles: Vec<Needles> = cells.iter().map(|c| ctx.needles(c)).collect();
+    let mut needles: Vec<Needles> = cells.iter().map(|c| ctx.needles(c)).collect();
+    needles.extend(released);
     let window = audit::window().close(window_i, needles, after);
     audit_time += audit_start.elapsed();
     ACTIVE_TRIALS.fetch_sub(1, Ordering::SeqCst);

@@ -301,8 +301,10 @@ fn break_one_rule(d: &mut CellDocument, rng: &mut StdRng) -> String {
 }
 
 /// Valid and invalid documents, drawn: each valid one must be created and run with the expected
-/// result, each invalid one refused naming its field, nothing left behind. Cost is linear in the
-/// case count: every case has its own id and marker, and is checked once, on its own.
+/// result, each invalid one refused naming its field, nothing left behind. Cells go through the
+/// context like every other (ledger entry before create, cleanup and audit after a failure). Cost
+/// is linear in the case count: every case has its own id and marker, is checked once, on its
+/// own, and is then released.
 pub(super) async fn property_documents(ctx: Ctx) -> Result<(), Failure> {
     let cases = property_cases();
     let seed: u64 = std::env::var("CELLCHECK_SEED")
@@ -356,12 +358,12 @@ pub(super) async fn property_documents(ctx: Ctx) -> Result<(), Failure> {
         match &broken {
             None => {
                 valid += 1;
-                let h = backend
-                    .create(&doc)
+                let h = ctx
+                    .try_create(&doc)
                     .await
                     .map_err(|e| ctx.fail(format!("a valid document was not created: {e:?}")))?;
                 let waited = tokio::time::timeout(RUN_BOUND, backend.wait(&h.id)).await;
-                let destroyed = backend.destroy(&h.id).await;
+                let destroyed = ctx.try_destroy(&h.id).await;
                 let r = waited
                     .map_err(|_| ctx.fail(format!("did not end within {RUN_BOUND:?}")))?
                     .map_err(|e| ctx.fail(format!("wait failed: {e:?}")))?;
@@ -383,14 +385,14 @@ pub(super) async fn property_documents(ctx: Ctx) -> Result<(), Failure> {
             }
             Some(want) => {
                 invalid += 1;
-                match backend.create(&doc).await {
+                match ctx.try_create(&doc).await {
                     Err(CellError::InvalidSpec { field, .. }) => check!(
                         ctx,
                         field == *want,
                         "InvalidSpec names {field:?}, expected {want:?}"
                     ),
                     Ok(h) => {
-                        let _ = backend.destroy(&h.id).await;
+                        let _ = ctx.try_destroy(&h.id).await;
                         return Err(ctx.fail(format!("created, expected InvalidSpec({want})")));
                     }
                     Err(e) => {
@@ -421,6 +423,8 @@ pub(super) async fn property_documents(ctx: Ctx) -> Result<(), Failure> {
             .filter(|l| !matches!(l, residue::Leak::Fd { .. }))
             .collect();
         check!(ctx, leaks.is_empty(), "{}", residue::describe(&id, &leaks));
+        // Checked clean: its record and ledger entry go now, so cost stays linear in the cases.
+        ctx.release_clean(&id);
     }
     eprintln!(
         "spec::property_documents on {}: {cases} cases ({valid} valid, {invalid} invalid) in {:.1} s, seed {seed}",
