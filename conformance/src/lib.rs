@@ -36,12 +36,16 @@
 //!
 //! - Skips are decided when listing: a scenario needing an unsupported [`Capability`], a backend
 //!   whose preflight says unavailable, or an expectation with `outcome = "skip"` makes the trial
-//!   ignored, and its reason is printed (and recorded in the results file).
+//!   ignored, and its reason is printed (and recorded in the results file). nextest shows an
+//!   ignored trial only as SKIP, so each backend also lists a trial
+//!   `{backend}::`[`REASONS_TRIAL`] that prints every skip and known failure of that backend with
+//!   its reason, grouped; have nextest show its output (see the README's nextest configuration).
 //! - `CELLCHECK_BACKENDS=host,runc` lists only those backends.
 //! - `CELLCHECK_STRICT=1` turns every "could not run" skip (the backend's preflight says it is
 //!   unavailable on this host) into a failure; a capability the backend declares unsupported, with
 //!   its reason, stays a skip.
-//! - `CELLCHECK_EXPECTATIONS` overrides `matrix/expectations.toml` (see [`expectations`]).
+//! - `CELLCHECK_EXPECTATIONS` names the expectations file (see [`expectations`]), overriding the
+//!   one a test target gives [`Suite::expectations_file`]; the file is checked before listing.
 //! - `CELLCHECK_RESULTS=<path>` appends one JSON line per trial (see [`results`]).
 //! - `CELLCHECK_PREFLIGHT_CACHE=0` disables the per-backend preflight cache.
 //! - `CELLCHECK_TRACE` filters what backends trace into a failing trial's message (default
@@ -67,4 +71,4 @@ mod suite;
 pub mod trace;
 
 pub use harness::{Ctx, Failure, Scenario};
-pub use suite::{check_selection, run_scenario, run_scenario_bounded, Suite};
+pub use suite::{check_selection, run_scenario, run_scenario_bounded, Suite, REASONS_TRIAL};

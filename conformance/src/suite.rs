@@ -53,6 +53,15 @@ pub(crate) fn runtime() -> &'static tokio::runtime::Runtime {
     })
 }
 
+/// The family and scenario of each backend's reasons trial, `{backend}::suite::skips_and_known_failures`:
+/// it prints every trial of the backend that is skipped here or expected to fail, with the
+/// reasons, grouped. nextest never shows an ignored trial's reason (a skipped trial is only counted
+/// as SKIP), nor the output of a passing one unless configured, so the repository's nextest config
+/// shows this trial's output (`success-output = "immediate"`); the skipped trials stay skips and
+/// the known failures stay runs whose failure is expected. It records no result: the reports carry
+/// each trial's reason already, and `cargo xtask` leaves it out.
+pub const REASONS_TRIAL: &str = "suite::skips_and_known_failures";
+
 /// What a trial will do, decided at listing time.
 #[derive(Debug, Clone)]
 enum Plan {
@@ -234,10 +243,14 @@ impl Suite {
                 .iter()
                 .map(|s| format!("{name}::{}::{}", s.family, s.name))
                 .collect();
-            let wanted = trial_names.iter().any(|n| selected_by_filter(args, n));
+            let reasons_name = format!("{name}::{REASONS_TRIAL}");
+            let wanted = trial_names
+                .iter()
+                .chain([&reasons_name])
+                .any(|n| selected_by_filter(args, n));
             if !wanted {
                 // Listed (so filters see consistent names) but never run: no fixtures, no preflight.
-                for n in trial_names {
+                for n in trial_names.into_iter().chain([reasons_name]) {
                     trials.push(Trial::test(n, || Ok(())));
                 }
                 continue;
@@ -275,6 +288,7 @@ impl Suite {
             }
             let caps = backend.as_ref().ok().map(|b| b.capabilities());
             let attributes = backend.as_ref().map(|b| b.attributes()).unwrap_or_default();
+            let mut notes: Vec<Note> = Vec::new();
 
             for sc in &self.scenarios {
                 let trial_name = format!("{name}::{}::{}", sc.family, sc.name);
@@ -317,6 +331,21 @@ impl Suite {
                         },
                     }
                 };
+                match &plan {
+                    Plan::Skip { reason, .. } => notes.push(Note {
+                        known_failure: false,
+                        reason: reason.clone(),
+                        path: sc.path(),
+                    }),
+                    Plan::Run {
+                        known_failure: Some(why),
+                    } => notes.push(Note {
+                        known_failure: true,
+                        reason: why.clone(),
+                        path: sc.path(),
+                    }),
+                    _ => {}
+                }
                 let base = ResultLine {
                     id: trial_name.clone(),
                     backend: name.clone(),
@@ -336,10 +365,54 @@ impl Suite {
                     args,
                 ));
             }
+            let text = reasons_text(&name, self.scenarios.len(), &notes);
+            trials.push(Trial::test(reasons_name, move || {
+                println!("{text}");
+                Ok(())
+            }));
         }
         recover_from_ledger(&built);
         trials
     }
+}
+
+/// A trial that does not simply run: skipped here, or expected to fail.
+struct Note {
+    known_failure: bool,
+    reason: String,
+    path: String,
+}
+
+/// What the reasons trial prints: a count line, then each reason once with its trials.
+fn reasons_text(backend: &str, total: usize, notes: &[Note]) -> String {
+    let skips = notes.iter().filter(|n| !n.known_failure).count();
+    let known = notes.len() - skips;
+    let mut out =
+        format!("{backend}: {total} trials, {skips} skipped here, {known} expected to fail");
+    // Reasons in first-seen order, each with every trial it covers.
+    let mut groups: Vec<(bool, &str, Vec<&str>)> = Vec::new();
+    for n in notes {
+        match groups
+            .iter_mut()
+            .find(|(k, r, _)| *k == n.known_failure && *r == n.reason)
+        {
+            Some(g) => g.2.push(&n.path),
+            None => groups.push((n.known_failure, &n.reason, vec![&n.path])),
+        }
+    }
+    for (known_failure, reason, paths) in groups {
+        let kind = if known_failure {
+            "known failure"
+        } else {
+            "skip"
+        };
+        out.push_str(&format!(
+            "\n{kind} ({}): {reason}\n    {}",
+            paths.len(),
+            paths.join(", ")
+        ));
+    }
+    out
 }
 
 /// `CELLCHECK_BACKENDS` (comma-separated; unset or blank selects all) against the registered
@@ -578,7 +651,39 @@ pub fn run_scenario_bounded(
 
 #[cfg(test)]
 mod tests {
-    use super::{check_selection, rerun_line};
+    use super::{check_selection, reasons_text, rerun_line, Note};
+
+    #[test]
+    fn reasons_are_grouped_and_counted() {
+        let note = |k, r: &str, p: &str| Note {
+            known_failure: k,
+            reason: r.into(),
+            path: p.into(),
+        };
+        let notes = [
+            note(
+                false,
+                "capability snapshot unsupported: criu",
+                "snapshot::a",
+            ),
+            note(true, "adds HOME", "isolation::env_inside"),
+            note(
+                false,
+                "capability snapshot unsupported: criu",
+                "snapshot::b",
+            ),
+        ];
+        assert_eq!(
+            reasons_text("runsc", 9, &notes),
+            "runsc: 9 trials, 2 skipped here, 1 expected to fail\n\
+             skip (2): capability snapshot unsupported: criu\n    snapshot::a, snapshot::b\n\
+             known failure (1): adds HOME\n    isolation::env_inside"
+        );
+        assert_eq!(
+            reasons_text("host", 3, &[]),
+            "host: 3 trials, 0 skipped here, 0 expected to fail"
+        );
+    }
 
     #[test]
     fn a_rerun_line_carries_what_selected_and_configured_the_trial() {

@@ -22,7 +22,13 @@ fn helper_run_configured_driver() {
             .expect("the env driver is configured");
         suite = suite.configured_backend(&entry.name, &what, move |fx| factory(fx));
     }
-    let args = libtest_mimic::Arguments::from_iter(["suite", "--test-threads", "1"]);
+    // The scenario's trial alone (not the backend's reasons trial).
+    let trial = format!(
+        "remote::{}",
+        cellcheck_conformance::scenarios::all()[0].path()
+    );
+    let args =
+        libtest_mimic::Arguments::from_iter(["suite", "--exact", &trial, "--test-threads", "1"]);
     let trials = suite.trials(&args);
     let c = libtest_mimic::run(&args, trials);
     println!(
