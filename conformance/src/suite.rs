@@ -452,14 +452,7 @@ fn recover_from_ledger(built: &[Arc<dyn Backend>]) {
             continue;
         }
         eprintln!("{}", crate::ledger::describe(&r));
-        crate::audit::record(&serde_json::json!({
-            "kind": "recovered",
-            "backend": r.backend,
-            "cell": r.cell,
-            "run": r.run,
-            "removed": r.removed,
-            "errors": r.errors,
-        }));
+        crate::audit::AuditLine::Recovered(r).record();
     }
 }
 

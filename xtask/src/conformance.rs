@@ -244,7 +244,8 @@ pub struct Rounds {
 pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
     let results_path = dir.join("results.jsonl");
     let log_path = dir.join("nextest.log");
-    for p in [&results_path, &log_path] {
+    // The suite writes its audit lines beside the results file.
+    for p in [&results_path, &log_path, &audit_path(dir)] {
         match std::fs::remove_file(p) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -284,6 +285,7 @@ pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
         }
         c.envs(env.iter().map(|(k, v)| (k, v)))
             .env("CELLCHECK_RESULTS", &results_path)
+            .env("CELLCHECK_AUDIT_RESULTS", audit_path(dir))
             .stdin(std::process::Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -393,6 +395,9 @@ fn report(
 ) -> Result<bool> {
     let host_json = serde_json::to_value(&plan.host)?;
     let mut report = Report::new(host_json, plan.shown.clone(), results, problems);
+    let lines =
+        cellcheck_conformance::audit::read_lines(&audit_path(dir)).map_err(anyhow::Error::msg)?;
+    report.host_audit = cellcheck_conformance::audit::per_backend(&lines);
     report.partition = plan.partition.map(|(k, n)| format!("{k}/{n}"));
     let files = report.write_all(dir)?;
 
@@ -429,6 +434,11 @@ fn report(
         }
     }
     Ok(false)
+}
+
+/// The suite's audit lines (`audit.jsonl` beside `CELLCHECK_RESULTS`).
+fn audit_path(dir: &Path) -> PathBuf {
+    dir.join("audit.jsonl")
 }
 
 fn backend_of(id: &str) -> &str {

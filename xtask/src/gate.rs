@@ -150,7 +150,9 @@ fn merge_class(class: &str, reports: Vec<(PathBuf, Report)>, problems: &mut Vec<
     let mut backends: Vec<crate::matrix::Selected> = Vec::new();
     let mut results: BTreeMap<String, (PathBuf, TrialResult)> = BTreeMap::new();
     let mut run_problems = Vec::new();
+    let mut audits = Vec::new();
     for (path, r) in reports {
+        audits.extend(r.host_audit);
         for b in r.backends {
             if !backends.iter().any(|x| x.name == b.name) {
                 backends.push(b);
@@ -182,7 +184,9 @@ fn merge_class(class: &str, reports: Vec<(PathBuf, Report)>, problems: &mut Vec<
     results.sort_by(|a, b| {
         (&a.backend, &a.family, &a.scenario).cmp(&(&b.backend, &b.family, &b.scenario))
     });
-    Report::new(host, backends, results, run_problems)
+    let mut merged = Report::new(host, backends, results, run_problems);
+    merged.host_audit = cellcheck_conformance::audit::merge(audits);
+    merged
 }
 
 pub fn run(opts: &Options) -> Result<bool> {

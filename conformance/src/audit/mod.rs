@@ -39,9 +39,11 @@ use std::sync::Mutex;
 use crate::ids::MARKER_VAR;
 
 mod collect;
+mod lines;
 mod needles;
 mod window;
 pub use collect::*;
+pub use lines::*;
 pub use needles::*;
 pub use window::*;
 
@@ -235,8 +237,8 @@ pub fn state_roots(b: &dyn cellcheck_contract::Backend) -> Vec<PathBuf> {
 }
 
 /// Append one JSON line to the audit file: `CELLCHECK_AUDIT_RESULTS`, else `audit.jsonl` beside
-/// `CELLCHECK_RESULTS`. Lines are `{"kind": "window", ...}` (per backend, per audit window) and
-/// `{"kind": "recovered", ...}` (per reconciled ledger entry); one `write` on an `O_APPEND`
+/// `CELLCHECK_RESULTS`. Lines are [`AuditLine`]s: `{"kind": "window", ...}` (per backend, per
+/// audit window) and `{"kind": "recovered", ...}` (per reconciled ledger entry); one `write` on an `O_APPEND`
 /// descriptor each, so concurrent trial processes never interleave them.
 pub fn record(line: &serde_json::Value) {
     let path = match std::env::var_os("CELLCHECK_AUDIT_RESULTS") {

@@ -167,17 +167,16 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
         }
         for b in &w.backends {
             eprintln!("{}", audit::console_line(b, w));
-            audit::record(&serde_json::json!({
-                "kind": "window",
-                "backend": b,
-                "closed_by": trial,
-                "clean": !w.leftovers.contains_key(b),
-                "leftovers": w.leftovers.get(b).cloned().unwrap_or_default(),
-                "warnings": w.warnings,
-                // What the audit added to the closing trial (snapshots and comparisons).
-                "audit_ms": audit_time.as_millis() as u64,
-                "trial_ms": start.elapsed().as_millis() as u64,
-            }));
+            audit::AuditLine::Window(audit::WindowLine {
+                backend: b.clone(),
+                closed_by: trial.clone(),
+                clean: !w.leftovers.contains_key(b),
+                leftovers: w.leftovers.get(b).cloned().unwrap_or_default(),
+                warnings: w.warnings.clone(),
+                audit_ms: audit_time.as_millis() as u64,
+                trial_ms: start.elapsed().as_millis() as u64,
+            })
+            .record();
         }
         if let Some(v) = w.leftovers.get(backend.name()) {
             host_audit = Some(format!(

@@ -122,6 +122,7 @@ fn body(r: &Report) -> String {
         }
         s.push_str("</ul>\n");
     }
+    s.push_str(&super::audit::html(r));
     s.push_str("<h2>Backends</h2><ul>\n");
     for b in &r.backends {
         s.push_str(&format!(

@@ -38,6 +38,7 @@ pub fn render(r: &Report) -> String {
             s.push_str(&format!("- **{}**: {}\n", b.name, cell_text(&b.why)));
         }
     }
+    s.push_str(&super::audit::markdown(r));
     s.push_str(&r.reasons_section("\n## Reasons\n\n", "", |t| {
         format!(
             "- `{}` {}: {}\n",

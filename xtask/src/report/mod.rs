@@ -1,5 +1,6 @@
 //! Every report format, all written from one [`Report`].
 
+mod audit;
 mod html;
 mod junit;
 mod markdown;
@@ -15,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::matrix::Selected;
 use crate::verdict::Problem;
+use cellcheck_conformance::audit::BackendAudit;
 use cellcheck_conformance::results::{Outcome, Summary, TrialResult};
 
 pub const SCHEMA: &str = "cellcheck-report/1";
@@ -34,6 +36,10 @@ pub struct Report {
     pub summary: Summary,
     /// Why the run fails (empty when it passes).
     pub problems: Vec<Problem>,
+    /// Per backend, what the host audit found over the run and which cells of killed runs it
+    /// recovered (from the suite's audit lines).
+    #[serde(default)]
+    pub host_audit: Vec<BackendAudit>,
 }
 
 impl Report {
@@ -51,6 +57,7 @@ impl Report {
             backends,
             results,
             problems,
+            host_audit: Vec::new(),
         }
     }
 
@@ -181,6 +188,7 @@ impl Report {
             self.summary.total(),
             self.summary
         ));
+        s.push_str(&audit::console(self));
         s
     }
 }
@@ -226,6 +234,7 @@ pub(crate) mod fixture {
     use super::*;
     use crate::util::sample;
     use crate::verdict::ProblemKind;
+    use cellcheck_conformance::audit::{AuditLine, WindowLine};
 
     pub fn report() -> Report {
         let mut results = vec![
@@ -282,12 +291,42 @@ pub(crate) mod fixture {
             trial: Some("host::exit::code_42".into()),
             message: "exit 41".into(),
         }];
-        Report::new(
+        let mut r = Report::new(
             serde_json::json!({"schema": "cellcheck-host/1", "class": "linux-nokvm", "probes": {}}),
             backends,
             results,
             problems,
-        )
+        );
+        r.host_audit = cellcheck_conformance::audit::per_backend(&[
+            AuditLine::Window(WindowLine {
+                backend: "host".into(),
+                closed_by: "host::exit::code_0".into(),
+                clean: true,
+                leftovers: Vec::new(),
+                warnings: Vec::new(),
+                audit_ms: 4,
+                trial_ms: 12,
+            }),
+            AuditLine::Window(WindowLine {
+                backend: "runsc".into(),
+                closed_by: "runsc::exit::code_0".into(),
+                clean: false,
+                leftovers: vec!["cgroup dir /sys/fs/cgroup/x/cc-ab12cd34-e still exists \
+                     (cell cc-ab12cd34-e, trial runsc::exit::code_0)"
+                    .into()],
+                warnings: Vec::new(),
+                audit_ms: 30,
+                trial_ms: 310,
+            }),
+            AuditLine::Recovered(cellcheck_conformance::ledger::Recovered {
+                backend: "runsc".into(),
+                cell: "cc-dead0001-h".into(),
+                run: "r-17".into(),
+                removed: vec!["process pid 4242".into()],
+                errors: Vec::new(),
+            }),
+        ]);
+        r
     }
 }
 
