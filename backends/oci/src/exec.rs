@@ -163,10 +163,15 @@ impl Inner {
         )
         .map_err(|e| failure("spawn runtime exec", e))?;
         drop(stdio);
+        tracing::debug!(
+            shim_pid = shim.pid,
+            "runtime exec --detach started under the shim"
+        );
         let st = shim
             .runtime_status()
             .await
             .map_err(|e| failure("exec", std::io::Error::from_raw_os_error(e)))?;
+        tracing::debug!(status = st, "runtime exec --detach ended (wait status)");
         if !(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0) {
             let msg = runtime::runtime_message(
                 &(fs::read_to_string(&files.log).unwrap_or_default()
@@ -194,6 +199,7 @@ impl Inner {
             },
         };
         shim.done().await;
+        tracing::debug!(?st, "exec'd process ended (wait status)");
         st.map(runtime::termination)
             .ok_or_else(|| failure("exec", "exit status of the exec'd process unavailable"))
     }
@@ -241,6 +247,7 @@ impl Inner {
             },
         }
         .map_err(|e| failure("wait for runsc exec", e))?;
+        tracing::debug!(%status, "runsc exec ended");
         let code = status.code().unwrap_or(128);
         if code == 128 && read_pid(&files.pid).is_none() {
             // runsc exec itself failed (128) before the process started.

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use cellcheck_contract::table::Reservation;
 use cellcheck_contract::{AdmittedCell, CellDocument, CellError, CellHandle, ResourceKind};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::layout::{mkdir_private, new_file};
 use crate::runtime::{self, Runtime};
@@ -68,8 +69,12 @@ impl Inner {
                 &id,
                 incarnation,
                 Duration::from_secs(ttl),
-                move |me: Arc<Inner>, _| async move {
-                    let _ = me.destroy(&id2, Some(incarnation)).await;
+                move |me: Arc<Inner>, _| {
+                    let span = tracing::info_span!(parent: None, "oci", op = "ttl", cell = %id2);
+                    async move {
+                        let _ = me.destroy(&id2, Some(incarnation)).await;
+                    }
+                    .instrument(span)
                 },
             );
             live.tasks.lock().unwrap().push(timer.abort_handle());
@@ -165,7 +170,10 @@ impl Inner {
         } else {
             "create"
         };
-        match shim.runtime_status().await {
+        tracing::debug!(shim_pid = shim.pid, "runtime {op} started under the shim");
+        let status = shim.runtime_status().await;
+        tracing::debug!(?status, "runtime {op} ended (wait status)");
+        match status {
             Ok(st) if libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0 => {}
             Ok(st) => {
                 let msg = self.error_text(dir, &log);
@@ -194,6 +202,7 @@ impl Inner {
             .ok()
             .and_then(|s| s.trim().parse::<u32>().ok());
         let host_pid = pid.filter(|_| self.kind.workload_is_host_process());
+        tracing::debug!(?pid, ?host_pid, "pid file read");
         let started = Instant::now();
         if restore_from.is_none() {
             let exe_before = host_pid.and_then(proc_exe);
@@ -219,7 +228,10 @@ impl Inner {
         });
         let me = self.clone();
         let l2 = live.clone();
-        let monitor = tokio::spawn(async move { me.monitor(l2, started, tx).await });
+        // Outlives the create: a span of its own, with the cell id.
+        let span = tracing::info_span!(parent: None, "oci", op = "monitor", cell = %cell.id());
+        let monitor =
+            tokio::spawn(async move { me.monitor(l2, started, tx).await }.instrument(span));
         live.tasks.lock().unwrap().push(monitor.abort_handle());
         Ok(live)
     }

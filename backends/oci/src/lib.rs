@@ -75,6 +75,7 @@ use cellcheck_contract::{
 };
 use cellcheck_fixtures::Fixtures;
 use tokio::sync::watch;
+use tracing::{debug, info_span, Instrument, Span};
 
 use runtime::Runtime;
 pub use runtime::RuntimeKind;
@@ -228,6 +229,24 @@ fn invalid_state(operation: &str, state: &str) -> CellError {
     }
 }
 
+/// An operation's outcome, with a failure recorded in its span.
+async fn traced<T>(
+    op: impl std::future::Future<Output = Result<T, CellError>>,
+) -> Result<T, CellError> {
+    let r = op.await;
+    if let Err(e) = &r {
+        debug!(error = %e, kind = e.kind(), "failed");
+    }
+    r
+}
+
+impl OciBackend {
+    /// The span of one operation on one cell.
+    fn span(&self, op: &'static str, id: &str) -> Span {
+        info_span!("oci", op, runtime = self.inner.kind.name(), cell = %id)
+    }
+}
+
 impl Inner {
     fn rt(&self) -> Result<Runtime, CellError> {
         self.runtime
@@ -265,15 +284,20 @@ impl Backend for OciBackend {
     }
 
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
-        self.inner.create(doc).await
+        let span = self.span("create", &doc.spec.id);
+        traced(self.inner.create(doc)).instrument(span).await
     }
 
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
-        self.inner.wait_outcome(id).await
+        traced(self.inner.wait_outcome(id))
+            .instrument(self.span("wait", id))
+            .await
     }
 
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
-        self.inner.destroy(id, None).await
+        traced(self.inner.destroy(id, None))
+            .instrument(self.span("destroy", id))
+            .await
     }
 
     fn footprint(&self, id: &str) -> Footprint {
@@ -281,16 +305,26 @@ impl Backend for OciBackend {
     }
 
     async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
-        self.inner.caps.require(Capability::Exec)?;
-        self.inner.exec(id, req).await
+        let span = self.span("exec", id);
+        traced(async {
+            self.inner.caps.require(Capability::Exec)?;
+            self.inner.exec(id, req).await
+        })
+        .instrument(span)
+        .await
     }
 
     async fn snapshot(&self, id: &str) -> Result<SnapshotRef, CellError> {
-        self.inner.snapshot(id).await
+        traced(self.inner.snapshot(id))
+            .instrument(self.span("snapshot", id))
+            .await
     }
 
     async fn restore(&self, snap: &SnapshotRef, new_id: &str) -> Result<CellHandle, CellError> {
-        self.inner.restore(snap, new_id).await
+        let span = self.span("restore", new_id);
+        traced(self.inner.restore(snap, new_id))
+            .instrument(span)
+            .await
     }
 
     async fn delete_snapshot(&self, snap: &SnapshotRef) -> Result<(), CellError> {
@@ -298,13 +332,23 @@ impl Backend for OciBackend {
     }
 
     async fn pause(&self, id: &str) -> Result<(), CellError> {
-        self.inner.caps.require(Capability::Pause)?;
-        self.inner.set_paused(id, true).await
+        let span = self.span("pause", id);
+        traced(async {
+            self.inner.caps.require(Capability::Pause)?;
+            self.inner.set_paused(id, true).await
+        })
+        .instrument(span)
+        .await
     }
 
     async fn resume(&self, id: &str) -> Result<(), CellError> {
-        self.inner.caps.require(Capability::Pause)?;
-        self.inner.set_paused(id, false).await
+        let span = self.span("resume", id);
+        traced(async {
+            self.inner.caps.require(Capability::Pause)?;
+            self.inner.set_paused(id, false).await
+        })
+        .instrument(span)
+        .await
     }
 
     async fn list(&self) -> Vec<String> {

@@ -27,6 +27,7 @@ impl Inner {
                 match tokio::time::timeout(left, &mut exit).await {
                     Ok(t) => Ok(t),
                     Err(_) => {
+                        tracing::debug!(timeout_ms = ms, "timeout reached, killing the container");
                         self.kill_cell(&live).await;
                         let _ = tokio::time::timeout(TEARDOWN_WAIT, &mut exit).await;
                         Err(CellError::DeadlineExceeded { after_ms: ms })
@@ -47,6 +48,10 @@ impl Inner {
                 stderr: fs::read(live.dir.join("stderr")).unwrap_or_default(),
             })
         });
+        match &outcome {
+            Ok(r) => tracing::debug!(termination = ?r.termination, "workload ended"),
+            Err(e) => tracing::debug!(error = %e, "workload ended without a report"),
+        }
         let _ = tx.send(Some(outcome));
     }
 

@@ -344,7 +344,7 @@ impl Runtime {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true);
-        match cmd.output().await {
+        let out = match cmd.output().await {
             Ok(o) => RunOutput {
                 ok: o.status.success(),
                 status: o.status.to_string(),
@@ -357,7 +357,20 @@ impl Runtime {
                 stdout: String::new(),
                 stderr: format!("{}: {e}", self.bin.display()),
             },
+        };
+        // The command without the binary and global flags, which every command repeats.
+        let cmd: Vec<_> = args.iter().map(|a| a.to_string_lossy()).collect();
+        if out.ok {
+            tracing::debug!(cmd = %cmd.join(" "), status = %out.status, "runtime command");
+        } else {
+            tracing::debug!(
+                cmd = %cmd.join(" "),
+                status = %out.status,
+                message = %out.message(self.kind),
+                "runtime command failed"
+            );
         }
+        out
     }
 }
 

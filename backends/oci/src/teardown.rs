@@ -27,6 +27,7 @@ impl Inner {
         // The TTL timer may be what called us: stop the cell's tasks only after taking the cell.
         let tasks: Vec<_> = live.tasks.lock().unwrap().drain(..).collect();
         let killed_running = !live.exited();
+        tracing::debug!(killed_running, "teardown begins");
         let rt = self.rt()?;
         if killed_running {
             self.kill_cell(&live).await;
@@ -45,6 +46,7 @@ impl Inner {
             .await;
         let remaining = teardown.finish();
         self.remove_root_if_unused();
+        tracing::debug!(remaining_cells = remaining, ?problems, "teardown over");
         if !problems.is_empty() {
             return Err(failure(&format!("destroy {id}"), problems.join("; ")));
         }

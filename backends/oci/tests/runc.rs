@@ -44,3 +44,48 @@ async fn exec_gets_exact_env_and_status() {
     })
     .await;
 }
+
+/// Every operation is a span naming its cell, with the runtime commands and their status as
+/// events, so a failing trial can show what the backend did on the way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tracing_test::traced_test]
+async fn operations_are_traced_with_the_cell_id() {
+    let Some(b) = backend(KIND).await else { return };
+    let a = id("trace");
+    b.create(&doc(&a, &[PROBE, "hold"])).await.unwrap();
+    let r = b
+        .exec(
+            &a,
+            cellcheck_contract::ExecRequest {
+                argv: vec!["/bin/true".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.code(), Some(0));
+    assert!(b.destroy(&a).await.unwrap().killed_running);
+    assert!(b.wait(&a).await.is_err());
+    assert_no_residue(&b, &a);
+    // The monitor's span (`op="monitor"`) has no parent, so it is outside the test's own span
+    // that `logs_assert` looks in.
+    for (op, event) in [
+        ("create", "runtime create ended"),
+        ("create", "cmd=start"),
+        ("exec", "runtime exec --detach ended"),
+        ("exec", "exec'd process ended"),
+        ("destroy", "teardown begins"),
+        ("destroy", "cmd=delete --force"),
+        ("destroy", "teardown over"),
+        ("wait", "failed"),
+    ] {
+        let (op_field, cell) = (format!("op=\"{op}\""), format!("cell={a}"));
+        logs_assert(|lines: &[&str]| {
+            lines
+                .iter()
+                .any(|l| l.contains(&op_field) && l.contains(&cell) && l.contains(event))
+                .then_some(())
+                .ok_or(format!("no {event:?} in a {op} span of {a}"))
+        });
+    }
+}

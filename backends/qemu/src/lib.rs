@@ -38,7 +38,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex};
+
 use std::time::{Duration, Instant};
+use tracing::{debug, info_span, Instrument, Span};
 
 use async_trait::async_trait;
 use cellcheck_contract::table::CellTable;
@@ -219,6 +221,24 @@ impl Inner {
 /// its own processes; the isolation boundary of a microVM is the VMM process on the host.
 const GUEST_KERNEL: &str = "an in-guest check concerns only the guest kernel; the boundary of a microVM is the VMM process on the host";
 
+/// An operation's outcome, with a failure recorded in its span.
+async fn traced<T>(
+    op: impl std::future::Future<Output = Result<T, CellError>>,
+) -> Result<T, CellError> {
+    let r = op.await;
+    if let Err(e) = &r {
+        debug!(error = %e, kind = e.kind(), "failed");
+    }
+    r
+}
+
+impl QemuBackend {
+    /// The span of one operation on one cell.
+    fn span(&self, op: &'static str, id: &str) -> Span {
+        info_span!("qemu", op, accel = self.inner.accel.as_str(), cell = %id)
+    }
+}
+
 #[async_trait]
 impl Backend for QemuBackend {
     fn name(&self) -> &str {
@@ -285,15 +305,20 @@ impl Backend for QemuBackend {
     }
 
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
-        self.inner.create(doc).await
+        let span = self.span("create", &doc.spec.id);
+        traced(self.inner.create(doc)).instrument(span).await
     }
 
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
-        self.inner.wait(id).await
+        traced(self.inner.wait(id))
+            .instrument(self.span("wait", id))
+            .await
     }
 
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
-        self.inner.destroy(id, None).await
+        traced(self.inner.destroy(id, None))
+            .instrument(self.span("destroy", id))
+            .await
     }
 
     fn footprint(&self, id: &str) -> Footprint {
@@ -307,15 +332,22 @@ impl Backend for QemuBackend {
     }
 
     async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
-        self.inner.exec(id, req).await
+        traced(self.inner.exec(id, req))
+            .instrument(self.span("exec", id))
+            .await
     }
 
     async fn snapshot(&self, id: &str) -> Result<SnapshotRef, CellError> {
-        self.inner.snapshot(id).await
+        traced(self.inner.snapshot(id))
+            .instrument(self.span("snapshot", id))
+            .await
     }
 
     async fn restore(&self, snap: &SnapshotRef, new_id: &str) -> Result<CellHandle, CellError> {
-        self.inner.restore(snap, new_id).await
+        let span = self.span("restore", new_id);
+        traced(self.inner.restore(snap, new_id))
+            .instrument(span)
+            .await
     }
 
     async fn delete_snapshot(&self, snap: &SnapshotRef) -> Result<(), CellError> {
@@ -323,11 +355,15 @@ impl Backend for QemuBackend {
     }
 
     async fn pause(&self, id: &str) -> Result<(), CellError> {
-        self.inner.set_paused(id, true).await
+        traced(self.inner.set_paused(id, true))
+            .instrument(self.span("pause", id))
+            .await
     }
 
     async fn resume(&self, id: &str) -> Result<(), CellError> {
-        self.inner.set_paused(id, false).await
+        traced(self.inner.set_paused(id, false))
+            .instrument(self.span("resume", id))
+            .await
     }
 
     async fn list(&self) -> Vec<String> {

@@ -5,6 +5,7 @@ use std::fs;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 
 use cellcheck_contract::table::Reservation;
 use cellcheck_contract::{AdmittedCell, CellDocument, CellError, CellHandle, TeardownReport};
@@ -129,8 +130,12 @@ impl Inner {
                 &id,
                 incarnation,
                 Duration::from_secs(ttl),
-                move |inner: Arc<Inner>, _| async move {
-                    let _ = inner.destroy(&id2, Some(incarnation)).await;
+                move |inner: Arc<Inner>, _| {
+                    let span = tracing::info_span!(parent: None, "qemu", op = "ttl", cell = %id2);
+                    async move {
+                        let _ = inner.destroy(&id2, Some(incarnation)).await;
+                    }
+                    .instrument(span)
                 },
             );
             *cell.ttl.lock().expect("ttl lock") = Some(task);
@@ -164,9 +169,11 @@ impl Inner {
         } else {
             self.workload_running(&cell).await
         };
+        tracing::debug!(killed_running, paused, ended, "teardown begins: qmp quit");
         cell.vm.shutdown().await;
         let _ = fs::remove_dir_all(&cell.dir);
         let remaining = teardown.finish();
+        tracing::debug!(remaining_cells = remaining, "teardown over");
         self.prune_dirs(None);
         Ok(TeardownReport {
             id: id.to_string(),

@@ -218,6 +218,13 @@ impl Vm {
             )
         })?;
         drop((agent_qemu, qmp_qemu, incoming));
+        tracing::debug!(
+            pid = child.id(),
+            accel = spec.accel.as_str(),
+            restore = spec.incoming.is_some(),
+            "qemu spawned"
+        );
+        let started = Instant::now();
         let vm = Vm {
             child: Mutex::new(Some(child)),
             qmp: Mutex::new(Lines::new(qmp_host)?),
@@ -228,9 +235,16 @@ impl Vm {
             spec,
         };
         match vm.bring_up(deadline, bound).await {
-            Ok(()) => Ok(vm),
+            Ok(()) => {
+                tracing::debug!(
+                    after_ms = started.elapsed().as_millis() as u64,
+                    "vm up, agent answered hello"
+                );
+                Ok(vm)
+            }
             Err(e) => {
                 let e = vm.exited_error().await.unwrap_or(e);
+                tracing::debug!(error = %e, "vm did not come up; killing qemu");
                 vm.kill().await;
                 Err(e)
             }
@@ -281,6 +295,7 @@ impl Vm {
                             body: ReplyBody::Ready { .. },
                         }) = serde_json::from_slice(&line)
                         {
+                            tracing::debug!("guest booted, agent ready");
                             break;
                         }
                     }
@@ -359,6 +374,7 @@ impl Vm {
         args: Value,
         deadline: Instant,
     ) -> Result<Value, CellError> {
+        tracing::debug!(cmd, "qmp command");
         let mut q = self.qmp.lock().await;
         let msg = json!({"execute": cmd, "arguments": args});
         q.send(msg.to_string().as_bytes())
@@ -370,6 +386,7 @@ impl Vm {
                 return Ok(r.clone());
             }
             if let Some(e) = v.get("error") {
+                tracing::debug!(cmd, error = %e, "qmp command failed");
                 return Err(failure(format!("qmp {cmd}: {e}"), Retry::NotRetryable));
             }
         }
@@ -437,6 +454,14 @@ async fn agent_exchange(
 ) -> Result<ReplyBody, CellError> {
     a.seq += 1;
     let seq = a.seq;
+    // Names only: a request carries the workload's env, which may hold secrets. Long-poll waits
+    // come every slice, so they are at trace level.
+    let name = op_name(&op);
+    if matches!(op, Op::Wait { .. }) {
+        tracing::trace!(seq, op = name, "agent request");
+    } else {
+        tracing::debug!(seq, op = name, "agent request");
+    }
     let line = serde_json::to_vec(&Request { seq, op })
         .map_err(|e| failure(e.to_string(), Retry::NotRetryable))?;
     a.lines
@@ -451,9 +476,35 @@ async fn agent_exchange(
             .map_err(|why| failure(format!("agent: {why}"), Retry::Unknown))?;
         if let Ok(r) = serde_json::from_slice::<Reply>(&line) {
             if r.seq == seq {
+                match &r.body {
+                    ReplyBody::Running { .. } => tracing::trace!(seq, "agent reply: running"),
+                    ReplyBody::Exited { job, end, .. } => {
+                        tracing::debug!(seq, job, ?end, "agent reply: exited")
+                    }
+                    ReplyBody::Error { kind, message } => {
+                        tracing::debug!(seq, ?kind, message, "agent reply: error")
+                    }
+                    ReplyBody::Started { job, pid } => {
+                        tracing::debug!(seq, job, pid, "agent reply: started")
+                    }
+                    other => tracing::debug!(seq, reply = ?other, "agent reply"),
+                }
                 return Ok(r.body);
             }
         }
+    }
+}
+
+/// The request's name in the protocol.
+fn op_name(op: &Op) -> &'static str {
+    match op {
+        Op::Hello { .. } => "hello",
+        Op::Run { .. } => "run",
+        Op::Exec { .. } => "exec",
+        Op::Wait { .. } => "wait",
+        Op::Kill { .. } => "kill",
+        Op::Forget { .. } => "forget",
+        Op::Hostname { .. } => "hostname",
     }
 }
 

@@ -90,7 +90,10 @@ async fn count_above(b: &QemuBackend, id: &str, file: &str, above: u64) -> Resul
     }
 }
 
+/// Also: every operation is a span naming its cell, with the boot, the agent's handshake and its
+/// requests as events, so a failing trial can show what the backend did on the way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tracing_test::traced_test]
 async fn boots_and_reports_exit_code() -> Result<()> {
     let Some(b) = backend() else { return Ok(()) };
     assert_eq!(b.name(), "qemu");
@@ -115,7 +118,28 @@ async fn boots_and_reports_exit_code() -> Result<()> {
             ..
         })
     ));
-    assert_no_residue(&b)
+    assert_no_residue(&b)?;
+    for (op, event) in [
+        ("create", "qemu spawned"),
+        ("create", "guest booted, agent ready"),
+        ("create", "agent request seq=1 op=\"hello\""),
+        ("create", "vm up, agent answered hello"),
+        ("create", "agent reply: started"),
+        ("wait", "agent reply: exited"),
+        ("destroy", "qmp command cmd=\"quit\""),
+        ("destroy", "teardown over"),
+        ("destroy", "failed"),
+    ] {
+        let (op_field, cell) = (format!("op=\"{op}\""), format!("cell={id}"));
+        logs_assert(|lines: &[&str]| {
+            lines
+                .iter()
+                .any(|l| l.contains(&op_field) && l.contains(&cell) && l.contains(event))
+                .then_some(())
+                .ok_or(format!("no {event:?} in a {op} span of {id}"))
+        });
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -232,20 +232,29 @@ impl Conn {
     /// Send `op` and wait for its answer, at most `deadline` (then the driver is killed).
     pub async fn call(&self, op: &str, params: Value, deadline: Duration) -> Outcome {
         let (id, slot) = self.submit(op, params, deadline)?;
+        // The request's name and number only: its parameters carry the document's env.
+        tracing::debug!(driver = %self.shared.label, id, op, "driver request");
+        let start = std::time::Instant::now();
         let end = tokio::time::Instant::now() + deadline;
-        loop {
+        let answer = loop {
             if let Some(v) = slot.take() {
-                return v;
+                break v;
             }
             if tokio::time::timeout_at(end, slot.notify.notified())
                 .await
                 .is_err()
             {
-                return slot
+                break slot
                     .take()
                     .unwrap_or_else(|| Err(self.timed_out(op, id, deadline)));
             }
+        };
+        let ms = start.elapsed().as_millis() as u64;
+        match &answer {
+            Ok(_) => tracing::debug!(id, op, ms, "driver answered"),
+            Err(e) => tracing::debug!(id, op, ms, error = %e, "driver answered with an error"),
         }
+        answer
     }
 
     /// Like [`Conn::call`] for synchronous callers (never inside a current-thread runtime's only

@@ -181,6 +181,12 @@ impl Backend for RemoteBackend {
         })
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "create", driver = %self.name, cell = %doc.spec.id)
+    )]
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
         // Refuse a bad document here, so no driver ever sees one from this client.
         let cell = doc.admit()?;
@@ -194,6 +200,12 @@ impl Backend for RemoteBackend {
         Ok(h)
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "wait", driver = %self.name, cell = %id)
+    )]
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
         let bound = self
             .bounds
@@ -206,6 +218,12 @@ impl Backend for RemoteBackend {
         client::wait(&c, self.opts.deadlines.for_bounded(bound), id).await
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "destroy", driver = %self.name, cell = %id)
+    )]
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
         let c = self.conn()?;
         let r = client::destroy(&c, &self.opts.deadlines, id).await;
@@ -238,6 +256,12 @@ impl Backend for RemoteBackend {
         }
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "exec", driver = %self.name, cell = %id)
+    )]
     async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
         self.info
             .capabilities
@@ -246,6 +270,12 @@ impl Backend for RemoteBackend {
         client::exec(&c, &self.opts.deadlines, id, &req).await
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "snapshot", driver = %self.name, cell = %id)
+    )]
     async fn snapshot(&self, id: &str) -> Result<SnapshotRef, CellError> {
         self.info
             .capabilities
@@ -254,6 +284,12 @@ impl Backend for RemoteBackend {
         client::snapshot(&c, &self.opts.deadlines, id).await
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "restore", driver = %self.name, cell = %new_id)
+    )]
     async fn restore(&self, snap: &SnapshotRef, new_id: &str) -> Result<CellHandle, CellError> {
         self.info
             .capabilities
@@ -270,6 +306,12 @@ impl Backend for RemoteBackend {
         client::delete_snapshot(&c, &self.opts.deadlines, snap).await
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "pause", driver = %self.name, cell = %id)
+    )]
     async fn pause(&self, id: &str) -> Result<(), CellError> {
         self.info
             .capabilities
@@ -278,6 +320,12 @@ impl Backend for RemoteBackend {
         client::pause(&c, &self.opts.deadlines, id).await
     }
 
+    #[tracing::instrument(
+        name = "remote",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "resume", driver = %self.name, cell = %id)
+    )]
     async fn resume(&self, id: &str) -> Result<(), CellError> {
         self.info
             .capabilities

@@ -20,7 +20,10 @@ fn nested() -> Option<(NestedBackend, SchemaTap)> {
     Some((NestedBackend::new(&fx, driver, tap.options()), tap))
 }
 
+/// Also: every operation is a span naming its cell, with the outer cell, the driver's handshake
+/// and each driver request as events, and the outer host backend's spans inside them.
 #[tokio::test]
+#[tracing_test::traced_test]
 async fn nested_lifecycle_sees_through_both_layers() {
     let Some((b, tap)) = nested() else { return };
     let pre = b.preflight().await;
@@ -85,6 +88,25 @@ async fn nested_lifecycle_sees_through_both_layers() {
     assert_no_residue(&fp2, &id2);
     assert!(b.list().await.is_empty());
     tap.assert_all_valid(20);
+    for (op, event) in [
+        ("create", "outer cell runs the driver"),
+        ("create", "driver handshake done"),
+        ("create", "driver request"),
+        ("create", "driver answered"),
+        ("create", "init spawned"),
+        ("wait", "driver answered"),
+        ("destroy", "outer cell teardown"),
+        ("destroy", "teardown over"),
+    ] {
+        let span = format!("nested{{op=\"{op}\" cell={id}}}");
+        logs_assert(|lines: &[&str]| {
+            lines
+                .iter()
+                .any(|l| l.contains(&span) && l.contains(event))
+                .then_some(())
+                .ok_or(format!("no {event:?} in a {op} span of {id}"))
+        });
+    }
 }
 
 #[tokio::test]

@@ -1,5 +1,7 @@
 //! The [`Backend`] face of [`NestedBackend`]: each call forwarded to the driver in the outer cell.
 
+use tracing::Instrument;
+
 use super::*;
 
 #[async_trait]
@@ -66,6 +68,12 @@ impl Backend for NestedBackend {
         }
     }
 
+    #[tracing::instrument(
+        name = "nested",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "create", cell = %doc.spec.id)
+    )]
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
         let cell = doc.admit()?;
         let id = cell.id().to_string();
@@ -105,9 +113,13 @@ impl Backend for NestedBackend {
                 &id,
                 incarnation,
                 Duration::from_secs(ttl),
-                move |inner: Arc<Inner>, _| async move {
-                    let b = NestedBackend { inner };
-                    let _ = b.destroy_incarnation(&id2, Some(incarnation)).await;
+                move |inner: Arc<Inner>, _| {
+                    let span = tracing::info_span!(parent: None, "nested", op = "ttl", cell = %id2);
+                    async move {
+                        let b = NestedBackend { inner };
+                        let _ = b.destroy_incarnation(&id2, Some(incarnation)).await;
+                    }
+                    .instrument(span)
                 },
             );
             *lock(&nc.ttl) = Some(t);
@@ -116,12 +128,24 @@ impl Backend for NestedBackend {
         Ok(CellHandle { id, host_pid })
     }
 
+    #[tracing::instrument(
+        name = "nested",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "wait", cell = %id)
+    )]
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
         let c = self.live(id)?;
         let deadline = self.inner.opts.deadlines.for_bounded(c.timeout_ms);
         client::wait(&c.conn, deadline, id).await
     }
 
+    #[tracing::instrument(
+        name = "nested",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "destroy", cell = %id)
+    )]
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
         self.destroy_incarnation(id, None).await
     }
@@ -134,18 +158,36 @@ impl Backend for NestedBackend {
         f
     }
 
+    #[tracing::instrument(
+        name = "nested",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "exec", cell = %id)
+    )]
     async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
         self.inner.caps.require(Capability::Exec)?;
         let c = self.live(id)?;
         client::exec(&c.conn, &self.inner.opts.deadlines, id, &req).await
     }
 
+    #[tracing::instrument(
+        name = "nested",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "pause", cell = %id)
+    )]
     async fn pause(&self, id: &str) -> Result<(), CellError> {
         self.inner.caps.require(Capability::Pause)?;
         let c = self.live(id)?;
         client::pause(&c.conn, &self.inner.opts.deadlines, id).await
     }
 
+    #[tracing::instrument(
+        name = "nested",
+        skip_all,
+        err(level = "debug"),
+        fields(op = "resume", cell = %id)
+    )]
     async fn resume(&self, id: &str) -> Result<(), CellError> {
         self.inner.caps.require(Capability::Pause)?;
         let c = self.live(id)?;

@@ -372,6 +372,7 @@ impl NestedBackend {
                 return Err(CellError::failure(format!("outer cell {outer_id}: {e}")));
             }
         };
+        tracing::debug!(outer = outer_id, driver_pid = ?handle.host_pid, "outer cell runs the driver");
         let accepted =
             tokio::time::timeout(self.inner.opts.deadlines.handshake, listener.accept()).await;
         let stream = match accepted {
@@ -408,16 +409,20 @@ impl NestedBackend {
             }),
             self.inner.opts.tap.clone(),
         );
+        tracing::debug!(outer = outer_id, "driver connected");
         if let Err(e) = client::handshake(&conn, &self.inner.opts.deadlines).await {
+            tracing::debug!(outer = outer_id, error = %e, "driver handshake failed");
             conn.close(Duration::from_secs(2));
             self.teardown_outer(outer_id, None).await;
             return Err(e);
         }
+        tracing::debug!(outer = outer_id, "driver handshake done");
         Ok((conn, pid))
     }
 
     /// Destroy the outer cell and remove what is left of the inner cell `inner_id`.
     async fn teardown_outer(&self, outer_id: &str, inner_id: Option<&str>) {
+        tracing::debug!(outer = outer_id, "outer cell teardown");
         match self.outer().destroy(outer_id).await {
             Ok(_) | Err(CellError::NotFound { .. }) => {}
             Err(e) => eprintln!("{}: destroy outer cell {outer_id}: {e}", self.inner.name),
