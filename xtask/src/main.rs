@@ -8,6 +8,8 @@ mod classes;
 mod conformance;
 mod gate;
 mod matrix;
+#[cfg(target_os = "linux")]
+mod memory;
 #[cfg(all(test, target_os = "linux"))]
 mod new_backend;
 mod nextest;
@@ -23,6 +25,11 @@ mod verdict;
 mod workflow;
 
 use std::process::ExitCode;
+
+// Counts live heap bytes, so the soak tells a leak from memory the allocator keeps.
+#[cfg(target_os = "linux")]
+#[global_allocator]
+static ALLOC: memory::Counting = memory::Counting;
 
 use clap::{CommandFactory, Parser, Subcommand};
 
