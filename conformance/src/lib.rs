@@ -71,4 +71,6 @@ mod suite;
 pub mod trace;
 
 pub use harness::{Ctx, Failure, Scenario};
-pub use suite::{check_selection, run_scenario, run_scenario_bounded, Suite, REASONS_TRIAL};
+pub use suite::{
+    check_selection, rerun_command, run_scenario, run_scenario_bounded, Suite, REASONS_TRIAL,
+};

@@ -69,6 +69,10 @@ pub struct TrialResult {
     pub duration_ms: u64,
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// For a failing trial: the command that reruns it alone, with every variable that selected or
+    /// configured it (see [`crate::rerun_command`]).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rerun: String,
 }
 
 /// The name trials record under; the same type as [`TrialResult`].
@@ -193,7 +197,13 @@ fn fold_one(mut runs: Vec<TrialResult>) -> TrialResult {
         .or_else(|| runs.iter().find(|r| !r.reason.is_empty()))
         .map(|r| r.reason.clone())
         .unwrap_or_default();
+    let rerun = runs
+        .iter()
+        .find(|r| !r.rerun.is_empty())
+        .map(|r| r.rerun.clone())
+        .unwrap_or_default();
     let mut out = runs.swap_remove(0);
+    out.rerun = rerun;
     out.duration_ms = total / n;
     out.attributes.insert("runs".into(), n.to_string());
     if counts.len() == 1 {
@@ -268,6 +278,7 @@ pub fn synthetic(id: &str, outcome: Outcome, reason: impl Into<String>) -> Trial
         reason: reason.into(),
         duration_ms: 0,
         attributes: BTreeMap::new(),
+        rerun: String::new(),
     }
 }
 
@@ -347,6 +358,7 @@ mod tests {
             reason: "a \"quoted\"\nreason".into(),
             duration_ms: 12,
             attributes: BTreeMap::from([("k".into(), "v".into())]),
+            rerun: "CELLCHECK_BACKENDS=host cargo nextest run".into(),
         };
         append(&p, &l).unwrap();
         l.outcome = Outcome::Skip;

@@ -355,6 +355,7 @@ impl Suite {
                     reason: String::new(),
                     duration_ms: 0,
                     attributes: attributes.clone(),
+                    rerun: String::new(),
                 };
                 trials.push(make_trial(
                     trial_name,
@@ -462,6 +463,7 @@ fn selected_by_filter(args: &Arguments, name: &str) -> bool {
     !args.is_filtered_out(&probe)
 }
 
+/// The command that reruns `trial` in this process's configuration (see [`rerun_command`]).
 fn rerun_hint(trial: &str) -> String {
     let pkg = std::env::var("CARGO_PKG_NAME").unwrap_or_else(|_| "cellcheck-conformance".into());
     let test = std::env::current_exe()
@@ -472,13 +474,14 @@ fn rerun_hint(trial: &str) -> String {
             _ => s,
         })
         .unwrap_or_else(|| "conformance".into());
-    rerun_line(trial, &pkg, &test, std::env::vars())
+    rerun_command(trial, &pkg, &test, std::env::vars())
 }
 
 /// The command that reruns `trial` (`backend::family::scenario`) alone, with every variable that
 /// selected or configured it: the backend by name (a driver backend is listed only when
-/// selected and configured) and each `CELLCHECK_*` setting of this run, shell-quoted.
-fn rerun_line(
+/// selected and configured) and each `CELLCHECK_*` setting in `env`, shell-quoted. The results
+/// file (`CELLCHECK_RESULTS`) is where a run writes, not what it tests, so it is left out.
+pub fn rerun_command(
     trial: &str,
     pkg: &str,
     test: &str,
@@ -489,16 +492,18 @@ fn rerun_line(
         .filter(|(k, _)| {
             k.starts_with("CELLCHECK_")
                 && k != "CELLCHECK_BACKENDS"
+                && k != "CELLCHECK_RESULTS"
                 && !k.starts_with("CELLCHECK_CANARY_")
         })
         .collect();
     vars.sort();
+    vars.dedup_by(|a, b| a.0 == b.0);
     vars.insert(0, ("CELLCHECK_BACKENDS".into(), backend.to_string()));
     let prefix: String = vars
         .iter()
         .map(|(k, v)| format!("{k}={} ", shell_quote(v)))
         .collect();
-    format!("rerun: {prefix}cargo nextest run -p {pkg} --test {test} -E 'test(={trial})'")
+    format!("{prefix}cargo nextest run -p {pkg} --test {test} -E 'test(={trial})'")
 }
 
 fn shell_quote(v: &str) -> String {
@@ -538,10 +543,16 @@ fn make_trial(
     let trial_name = name.clone();
     Trial::ignorable_test(name, move || {
         let record = |outcome: Outcome, reason: &str, ms: u64| {
+            let rerun = if matches!(outcome, Outcome::Fail | Outcome::Xpass) {
+                rerun_hint(&trial_name)
+            } else {
+                String::new()
+            };
             results::record(&ResultLine {
                 outcome,
                 reason: reason.to_string(),
                 duration_ms: ms,
+                rerun,
                 ..base.clone()
             })
         };
@@ -552,7 +563,7 @@ fn make_trial(
             Plan::Fail(msg) => {
                 record(Outcome::Fail, &msg, 0);
                 Err(Failed::from(format!(
-                    "backend: {}\nscenario: {}\n{msg}\n{}",
+                    "backend: {}\nscenario: {}\n{msg}\nrerun: {}",
                     base.backend,
                     sc.path(),
                     rerun_hint(&trial_name)
@@ -584,7 +595,7 @@ fn make_trial(
                 } else {
                     record(Outcome::Fail, &r.message, ms);
                     Err(Failed::from(format!(
-                        "{}\n{}",
+                        "{}\nrerun: {}",
                         r.message,
                         rerun_hint(&trial_name)
                     )))
@@ -601,7 +612,10 @@ fn make_trial(
                 if r.passed {
                     let msg = format!("listed as known failure but passed (xpass): {why}");
                     record(Outcome::Xpass, &msg, ms);
-                    Err(Failed::from(format!("{msg}\n{}", rerun_hint(&trial_name))))
+                    Err(Failed::from(format!(
+                        "{msg}\nrerun: {}",
+                        rerun_hint(&trial_name)
+                    )))
                 } else {
                     println!("known failure (xfail): {why}\n{}", r.message);
                     record(Outcome::Xfail, &why, ms);
@@ -644,7 +658,7 @@ pub fn run_scenario_bounded(
 
 #[cfg(test)]
 mod tests {
-    use super::{check_selection, reasons_text, rerun_line, Note};
+    use super::{check_selection, reasons_text, rerun_command, Note};
 
     #[test]
     fn reasons_are_grouped_and_counted() {
@@ -687,12 +701,13 @@ mod tests {
             ("CELLCHECK_EXPECTATIONS", "/x/exp.toml"),
             ("HOME", "/root"),
             ("CELLCHECK_FIXTURES_DIR", "it's"),
+            ("CELLCHECK_RESULTS", "/x/results.jsonl"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let line = rerun_line("remote::exit::code_0", "p", "conformance", env.into_iter());
+        let line = rerun_command("remote::exit::code_0", "p", "conformance", env.into_iter());
         assert_eq!(
             line,
-            "rerun: CELLCHECK_BACKENDS=remote CELLCHECK_EXPECTATIONS=/x/exp.toml \
+            "CELLCHECK_BACKENDS=remote CELLCHECK_EXPECTATIONS=/x/exp.toml \
              CELLCHECK_FIXTURES_DIR='it'\\''s' CELLCHECK_REMOTE_DRIVER='python3 my driver.py' \
              cargo nextest run -p p --test conformance -E 'test(=remote::exit::code_0)'"
         );

@@ -60,13 +60,28 @@ fn suite_env(backends: &[String], class: &str, strict: bool) -> Vec<(String, Str
     env
 }
 
-/// The one line that reruns exactly one trial with the env it needs.
+/// The one line that reruns exactly one trial with the env it needs: the suite's own
+/// [`cellcheck_conformance::rerun_command`] over xtask's env and what it gives the suite, for
+/// results the suite did not write (it records its own for every failure).
 pub fn rerun_command(id: &str, class: &str, strict: bool) -> String {
     let backend = id.split("::").next().unwrap_or(id);
-    let strict = if strict { " CELLCHECK_STRICT=1" } else { "" };
-    format!(
-        "CELLCHECK_BACKENDS={backend} CELLCHECK_HOST_CLASS={class}{strict} cargo nextest run -p {PACKAGE} --test {TEST} -E 'test(={id})'"
-    )
+    let mut env: BTreeMap<String, String> = std::env::vars().collect();
+    // What selected it in the suite's process, over what the user set.
+    env.remove("CELLCHECK_STRICT");
+    env.extend(suite_env(&[backend.to_string()], class, strict));
+    cellcheck_conformance::rerun_command(id, PACKAGE, TEST, env.into_iter())
+}
+
+/// Gives every failing result its rerun line (the suite's, else [`rerun_command`]).
+fn with_reruns(mut results: Vec<TrialResult>, class: &str, strict: bool) -> Vec<TrialResult> {
+    for r in &mut results {
+        if r.rerun.is_empty()
+            && matches!(r.outcome, Outcome::Fail | Outcome::Xpass | Outcome::Flaky)
+        {
+            r.rerun = rerun_command(&r.id, class, strict);
+        }
+    }
+    results
 }
 
 /// A skipped result xtask writes itself, for trials the suite did not record.
@@ -310,7 +325,11 @@ pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
 /// Step 3, fill: one result per trial (repeats folded), completed with what no trial recorded.
 pub fn fill(plan: &Plan, rounds: &Rounds) -> Vec<TrialResult> {
     let folded = results::fold(rounds.per_round.concat());
-    complete(folded, &plan.listed, &plan.unusable, plan.first_shard())
+    with_reruns(
+        complete(folded, &plan.listed, &plan.unusable, plan.first_shard()),
+        &plan.class,
+        plan.strict,
+    )
 }
 
 /// What the expectations are checked against: the backends of this run with the trials the suite
@@ -427,7 +446,15 @@ fn report(
                 if p.kind != ProblemKind::UnexplainedSkip
                     || !plan.unusable.contains_key(backend_of(id))
                 {
-                    println!("    rerun: {}", rerun_command(id, &plan.class, plan.strict));
+                    let recorded = report
+                        .results
+                        .iter()
+                        .find(|r| &r.id == id && !r.rerun.is_empty())
+                        .map(|r| r.rerun.clone());
+                    println!(
+                        "    rerun: {}",
+                        recorded.unwrap_or_else(|| rerun_command(id, &plan.class, plan.strict))
+                    );
                 }
             }
             None => println!("  {}: {}", p.kind, p.message),
@@ -488,10 +515,14 @@ mod tests {
 
     #[test]
     fn rerun_line_names_the_trial_and_its_env() {
-        assert_eq!(
-            rerun_command("host::exit::code_42", "linux-nokvm", false),
-            "CELLCHECK_BACKENDS=host CELLCHECK_HOST_CLASS=linux-nokvm cargo nextest run -p cellcheck-conformance --test conformance -E 'test(=host::exit::code_42)'"
+        let line = rerun_command("host::exit::code_42", "linux-nokvm", false);
+        assert!(line.starts_with("CELLCHECK_BACKENDS=host "), "{line}");
+        assert!(
+            line.contains(" CELLCHECK_HOST_CLASS=linux-nokvm "),
+            "{line}"
         );
+        assert!(line.ends_with(" cargo nextest run -p cellcheck-conformance --test conformance -E 'test(=host::exit::code_42)'"), "{line}");
+        assert!(!line.contains("CELLCHECK_STRICT"), "{line}");
         assert!(
             rerun_command("runsc::a::b", "linux-kvm", true).contains("CELLCHECK_STRICT=1 cargo")
         );

@@ -1,5 +1,7 @@
-//! `report.html`: one self-contained page (no scripts, no external assets), a colour-coded
-//! scenarios × backends matrix with durations, reasons as tooltips and as text below.
+//! `report.html`: one self-contained page (no scripts, no external assets): a summary per backend
+//! first, then why the run failed, each failing trial expandable (`<details>`) with its full message
+//! and rerun line, a colour-coded scenarios × backends matrix with durations and reasons as
+//! tooltips, and the skips and known failures grouped by reason.
 
 use super::{escape_xml as x, outcome_label, Report};
 use cellcheck_conformance::results::Outcome;
@@ -24,7 +26,10 @@ td.flaky { background: #fb8500; color: #ffffff; }
 td.none { background: #ffffff; }
 .verdict-pass { color: #1a7f37; } .verdict-fail { color: #cf222e; }
 ul { padding-left: 20px; } li { margin: 2px 0; }
-code { font: 12px ui-monospace, monospace; }
+code, pre { font: 12px ui-monospace, monospace; }
+pre { background: #f6f8fa; padding: 6px 8px; white-space: pre-wrap; margin: 4px 0; }
+details { margin: 4px 0; } summary { cursor: pointer; }
+td.n { text-align: right; } td.bad { color: #cf222e; font-weight: 600; }
 ";
 
 pub fn render(r: &Report) -> String {
@@ -61,7 +66,6 @@ pub fn render_many(title: &str, verdict: &str, reports: &[&Report]) -> String {
 
 /// Everything of one run's page between `<body>` and `</body>`.
 fn body(r: &Report) -> String {
-    let backends = r.backend_names();
     let class = r.host["class"].as_str().unwrap_or("unknown class");
     let mut s = String::new();
     s.push_str(&format!("<h1>cellcheck conformance: {}</h1>\n", x(class)));
@@ -78,8 +82,97 @@ fn body(r: &Report) -> String {
         x(&r.summary.to_string()),
         x(r.host["kernel"].as_str().unwrap_or("?"))
     ));
+    s.push_str(&backends_table(r));
+    if !r.problems.is_empty() {
+        s.push_str("<h2>Why the run failed</h2><ul>\n");
+        for p in &r.problems {
+            s.push_str(&format!(
+                "<li><b>{}</b> {} {}</li>\n",
+                x(&p.kind.to_string()),
+                p.trial
+                    .as_deref()
+                    .map(|t| format!("<code>{}</code>", x(t)))
+                    .unwrap_or_default(),
+                x(&p.message)
+            ));
+        }
+        s.push_str("</ul>\n");
+    }
+    s.push_str(&failures(r));
+    s.push_str(&super::audit::html(r));
+    s.push_str(&matrix(r));
+    s.push_str(&reasons(r));
+    s
+}
 
-    s.push_str("<table id=\"matrix\"><thead><tr><th>scenario</th>");
+/// One row per backend: availability (the probe's evidence as tooltip) and its outcome counts.
+fn backends_table(r: &Report) -> String {
+    let mut s = String::from(
+        "<h2>Backends</h2><table id=\"backends\"><thead><tr><th>backend</th><th>host</th>\
+         <th>pass</th><th>fail</th><th>skip</th><th>xfail</th><th>xpass</th><th>flaky</th>\
+         <th>time</th></tr></thead><tbody>\n",
+    );
+    for name in r.backend_names() {
+        let sum = r.summary_of(&name);
+        let ms: u64 = r
+            .results
+            .iter()
+            .filter(|t| t.backend == name)
+            .map(|t| t.duration_ms)
+            .sum();
+        let (avail, why) = match r.backends.iter().find(|b| b.name == name) {
+            Some(b) if b.usable => ("available", b.why.as_str()),
+            Some(b) => ("unavailable", b.why.as_str()),
+            None => ("", ""),
+        };
+        let n = |v: usize, bad: bool| {
+            let class = if bad && v > 0 { "n bad" } else { "n" };
+            format!("<td class=\"{class}\">{v}</td>")
+        };
+        s.push_str(&format!(
+            "<tr><td><b>{}</b></td><td title=\"{}\">{avail}</td>{}{}{}{}{}{}<td class=\"n\">{:.1} s</td></tr>\n",
+            x(&name),
+            x(why),
+            n(sum.pass, false),
+            n(sum.fail, true),
+            n(sum.skip, false),
+            n(sum.xfail, false),
+            n(sum.xpass, true),
+            n(sum.flaky, true),
+            ms as f64 / 1000.0
+        ));
+    }
+    s.push_str("</tbody></table>\n");
+    s
+}
+
+/// Each failing trial, folded: its first line, then the full message and the rerun line.
+fn failures(r: &Report) -> String {
+    let failed = r.failures();
+    if failed.is_empty() {
+        return String::new();
+    }
+    let mut s = format!("<h2>Failures ({})</h2>\n", failed.len());
+    for t in failed {
+        s.push_str(&format!(
+            "<details class=\"failure\"><summary><code>{}</code> {}: {}</summary>\n<pre>{}</pre>\n",
+            x(&t.id),
+            outcome_label(t.outcome),
+            x(t.reason.lines().next().unwrap_or("")),
+            x(&t.reason)
+        ));
+        if !t.rerun.is_empty() {
+            s.push_str(&format!("<div>rerun:</div><pre>{}</pre>\n", x(&t.rerun)));
+        }
+        s.push_str("</details>\n");
+    }
+    s
+}
+
+/// Scenarios × backends, each cell's reason as its tooltip.
+fn matrix(r: &Report) -> String {
+    let backends = r.backend_names();
+    let mut s = String::from("<h2>Matrix</h2><table id=\"matrix\"><thead><tr><th>scenario</th>");
     for b in &backends {
         s.push_str(&format!("<th>{}</th>", x(b)));
     }
@@ -106,43 +199,36 @@ fn body(r: &Report) -> String {
         s.push_str("</tr>\n");
     }
     s.push_str("</tbody></table>\n");
+    s
+}
 
-    if !r.problems.is_empty() {
-        s.push_str("<h2>Why the run failed</h2><ul>\n");
-        for p in &r.problems {
-            s.push_str(&format!(
-                "<li><b>{}</b> {} {}</li>\n",
-                x(&p.kind.to_string()),
-                p.trial
-                    .as_deref()
-                    .map(|t| format!("<code>{}</code>", x(t)))
-                    .unwrap_or_default(),
-                x(&p.message)
-            ));
-        }
-        s.push_str("</ul>\n");
+/// Skips and known failures, one line per backend and reason, its trials folded below it.
+fn reasons(r: &Report) -> String {
+    let groups = r.reason_groups();
+    if groups.is_empty() {
+        return String::new();
     }
-    s.push_str(&super::audit::html(r));
-    s.push_str("<h2>Backends</h2><ul>\n");
-    for b in &r.backends {
+    let mut s = String::from("<h2>Skips and known failures</h2><ul>\n");
+    for (backend, outcome, reason, trials) in groups {
+        let ids: Vec<String> = trials
+            .iter()
+            .map(|t| format!("<code>{}</code>", x(&t.scenario_path())))
+            .collect();
         s.push_str(&format!(
-            "<li><b>{}</b>: {} ({})</li>\n",
-            x(&b.name),
-            if b.usable { "available" } else { "unavailable" },
-            x(&b.why)
+            "<li><b>{}</b> {} ×{}: {}<details><summary>{} trial(s)</summary>{}</details></li>\n",
+            x(backend),
+            outcome_label(outcome),
+            trials.len(),
+            x(if reason.is_empty() {
+                "(no reason given)"
+            } else {
+                reason
+            }),
+            trials.len(),
+            ids.join(", ")
         ));
     }
     s.push_str("</ul>\n");
-    s.push_str(
-        &r.reasons_section("<h2>Reasons</h2><ul>\n", "</ul>\n", |t| {
-            format!(
-                "<li><code>{}</code> {}: {}</li>\n",
-                x(&t.id),
-                outcome_label(t.outcome),
-                x(&t.reason)
-            )
-        }),
-    );
     s
 }
 
@@ -165,9 +251,38 @@ mod tests {
         assert!(!html.contains("http://") && !html.contains("https://"));
         // Balanced table rows: the header plus one per scenario.
         assert_eq!(html.matches("<tr>").count(), html.matches("</tr>").count());
-        assert_eq!(html.matches("<tr>").count(), 1 + 4);
+        // Two tables: backends (header + 3) and matrix (header + 5 scenarios).
+        assert_eq!(html.matches("<tr>").count(), (1 + 3) + (1 + 5));
         let (r, g, b) = PASS_RGB;
         assert!(html.contains(&format!("#{r:02x}{g:02x}{b:02x}")));
+    }
+
+    #[test]
+    fn html_summarises_first_and_folds_failures_and_reasons() {
+        let html = fixture::report().to_html();
+        let at = |needle: &str| html.find(needle).unwrap_or_else(|| panic!("{needle}"));
+        // The per-backend summary comes before the failures, which come before the matrix.
+        assert!(at("<table id=\"backends\">") < at("<h2>Failures (3)</h2>"));
+        assert!(at("<h2>Failures (3)</h2>") < at("<table id=\"matrix\">"));
+        assert!(html.contains(
+            "<tr><td><b>host</b></td><td title=\"host: ran /bin/true\">available</td>\
+             <td class=\"n\">1</td><td class=\"n bad\">1</td><td class=\"n\">2</td>"
+        ));
+        // Each failure expandable, with its full message and its rerun line.
+        assert_eq!(html.matches("<details class=\"failure\">").count(), 3);
+        assert!(html.contains(
+            "<pre>CELLCHECK_BACKENDS=host CELLCHECK_HOST_CLASS=linux-nokvm cargo nextest run \
+             -p cellcheck-conformance --test conformance -E &#39;test(=host::exit::code_42)&#39;</pre>"
+        ));
+        // Two host trials skipped for one reason: one line, not two.
+        assert_eq!(
+            html.matches("<b>host</b> skip ×2: capability snapshot unsupported")
+                .count(),
+            1
+        );
+        assert!(
+            html.contains("<code>snapshot::restore</code>, <code>snapshot::corrupted_image</code>")
+        );
     }
 }
 

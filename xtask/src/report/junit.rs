@@ -42,17 +42,18 @@ pub fn render(r: &Report) -> String {
             ));
             let body = match t.outcome {
                 Outcome::Pass => None,
-                Outcome::Fail => Some(format!(
-                    "<failure type=\"fail\" message=\"{}\"/>",
-                    x(&t.reason)
+                Outcome::Fail => Some(failure("fail", &t.reason, &t.reason, &t.rerun)),
+                Outcome::Xpass => Some(failure(
+                    "xpass",
+                    &format!("listed as a known failure but passed: {}", t.reason),
+                    &t.reason,
+                    &t.rerun,
                 )),
-                Outcome::Xpass => Some(format!(
-                    "<failure type=\"xpass\" message=\"listed as a known failure but passed: {}\"/>",
-                    x(&t.reason)
-                )),
-                Outcome::Flaky => Some(format!(
-                    "<failure type=\"flaky\" message=\"outcomes differed between runs: {}\"/>",
-                    x(&t.reason)
+                Outcome::Flaky => Some(failure(
+                    "flaky",
+                    &format!("outcomes differed between runs: {}", t.reason),
+                    &t.reason,
+                    &t.rerun,
                 )),
                 Outcome::Skip => Some(format!("<skipped message=\"{}\"/>", x(&t.reason))),
                 Outcome::Xfail => Some(format!(
@@ -71,6 +72,19 @@ pub fn render(r: &Report) -> String {
     s
 }
 
+/// A `<failure>`: the message attribute, and as text the full reason and the rerun line (CI
+/// viewers show the text in full where they cut the attribute).
+fn failure(kind: &str, message: &str, reason: &str, rerun: &str) -> String {
+    let mut text = x(reason);
+    if !rerun.is_empty() {
+        text.push_str(&format!("\nrerun: {}", x(rerun)));
+    }
+    format!(
+        "<failure type=\"{kind}\" message=\"{}\">{text}</failure>",
+        x(message)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use crate::report::fixture;
@@ -81,9 +95,9 @@ mod tests {
         let doc = roxmltree::Document::parse(&text).expect("well-formed XML");
         let root = doc.root_element();
         assert_eq!(root.tag_name().name(), "testsuites");
-        assert_eq!(root.attribute("tests"), Some("7"));
+        assert_eq!(root.attribute("tests"), Some("8"));
         assert_eq!(root.attribute("failures"), Some("3"));
-        assert_eq!(root.attribute("skipped"), Some("1"));
+        assert_eq!(root.attribute("skipped"), Some("2"));
         let suites: Vec<_> = root.children().filter(|n| n.is_element()).collect();
         let names: Vec<_> = suites
             .iter()
@@ -104,6 +118,15 @@ mod tests {
         assert_eq!(
             failure.attribute("message"),
             Some("exit 41, wanted 42 <&\"'>\u{FFFD}")
+        );
+        // The full reason and the rerun line with the env that selected the trial.
+        assert_eq!(
+            failure.text(),
+            Some(
+                "exit 41, wanted 42 <&\"'>\u{FFFD}\nrerun: CELLCHECK_BACKENDS=host \
+                 CELLCHECK_HOST_CLASS=linux-nokvm cargo nextest run -p cellcheck-conformance \
+                 --test conformance -E 'test(=host::exit::code_42)'"
+            )
         );
         let types: Vec<_> = doc
             .descendants()

@@ -77,8 +77,9 @@ mod tests {
         let rows: Vec<&str> = md.lines().filter(|l| l.starts_with("| ")).collect();
         assert_eq!(rows[0], "| scenario | host | runsc | crun |");
         assert_eq!(rows[1], "| --- | --- | --- | --- |");
-        // exit::code_0, exit::code_42, isolation::env_exact, snapshot::restore
-        assert_eq!(rows.len(), 2 + 4, "{md}");
+        // exit::code_0, exit::code_42, isolation::env_exact, snapshot::corrupted_image,
+        // snapshot::restore
+        assert_eq!(rows.len(), 2 + 5, "{md}");
         assert_eq!(
             rows[2],
             "| `exit::code_0` | ✅ pass 12 ms | ✅ pass 310 ms |  |"

@@ -115,6 +115,33 @@ impl Report {
         s
     }
 
+    /// The trials that failed the run's way (fail, xpass, flaky), in result order.
+    pub fn failures(&self) -> Vec<&TrialResult> {
+        self.results
+            .iter()
+            .filter(|t| matches!(t.outcome, Outcome::Fail | Outcome::Xpass | Outcome::Flaky))
+            .collect()
+    }
+
+    /// Skips and known failures grouped by backend, outcome and reason (a backend the host cannot
+    /// run has one reason for all its trials): each group with its trials, in first-seen order.
+    pub fn reason_groups(&self) -> Vec<(&str, Outcome, &str, Vec<&TrialResult>)> {
+        let mut groups: Vec<(&str, Outcome, &str, Vec<&TrialResult>)> = Vec::new();
+        for t in &self.results {
+            if !matches!(t.outcome, Outcome::Skip | Outcome::Xfail) {
+                continue;
+            }
+            match groups
+                .iter_mut()
+                .find(|g| g.0 == t.backend && g.1 == t.outcome && g.2 == t.reason)
+            {
+                Some(g) => g.3.push(t),
+                None => groups.push((&t.backend, t.outcome, &t.reason, vec![t])),
+            }
+        }
+        groups
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("a report always serializes") + "\n"
     }
@@ -251,6 +278,12 @@ pub(crate) mod fixture {
                 "capability snapshot unsupported",
                 0,
             ),
+            sample(
+                "host::snapshot::corrupted_image",
+                Outcome::Skip,
+                "capability snapshot unsupported",
+                0,
+            ),
             sample("runsc::exit::code_0", Outcome::Pass, "", 310),
             sample("runsc::exit::code_42", Outcome::Xfail, "known: HOME=/", 320),
             sample(
@@ -269,6 +302,16 @@ pub(crate) mod fixture {
         results[0]
             .attributes
             .insert("runtime".into(), "host".into());
+        // The suite records a rerun line for each failure it writes.
+        for r in results.iter_mut() {
+            if matches!(r.outcome, Outcome::Fail | Outcome::Xpass | Outcome::Flaky) {
+                r.rerun = format!(
+                    "CELLCHECK_BACKENDS={} CELLCHECK_HOST_CLASS=linux-nokvm cargo nextest run \
+                     -p cellcheck-conformance --test conformance -E 'test(={})'",
+                    r.backend, r.id
+                );
+            }
+        }
         let backends = vec![
             Selected {
                 name: "host".into(),
@@ -341,7 +384,7 @@ mod tests {
         assert_eq!(v["schema"], SCHEMA);
         assert_eq!(v["host"]["class"], "linux-nokvm");
         let results = v["results"].as_array().unwrap();
-        assert_eq!(results.len(), 7);
+        assert_eq!(results.len(), 8);
         for field in [
             "id",
             "backend",
@@ -354,13 +397,18 @@ mod tests {
         ] {
             assert!(results.iter().all(|r| r.get(field).is_some()), "{field}");
         }
+        // Every failing trial carries its rerun line; the others none.
+        for r in results {
+            let failing = ["fail", "xpass", "flaky"].contains(&r["outcome"].as_str().unwrap());
+            assert_eq!(r.get("rerun").is_some(), failing, "{r}");
+        }
         assert_eq!(results[1]["outcome"], "fail");
         assert_eq!(results[0]["attributes"]["runtime"], "host");
         let s = &v["summary"];
         for (k, n) in [
             ("pass", 2),
             ("fail", 1),
-            ("skip", 1),
+            ("skip", 2),
             ("xfail", 1),
             ("xpass", 1),
             ("flaky", 1),
@@ -380,7 +428,7 @@ mod tests {
         );
         let host = t.lines().find(|l| l.starts_with("host")).unwrap();
         let cols: Vec<&str> = host.split_whitespace().collect();
-        assert_eq!(&cols[1..7], ["1", "1", "1", "0", "0", "0"], "{host}");
+        assert_eq!(&cols[1..7], ["1", "1", "2", "0", "0", "0"], "{host}");
     }
 
     #[test]

@@ -40,13 +40,13 @@ mod tests {
         let text = fixture::report().to_tap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines[0], "TAP version 13");
-        assert_eq!(lines[1], "1..7");
+        assert_eq!(lines[1], "1..8");
         let results: Vec<&str> = lines
             .iter()
             .copied()
             .filter(|l| l.starts_with("ok ") || l.starts_with("not ok "))
             .collect();
-        assert_eq!(results.len(), 7);
+        assert_eq!(results.len(), 8);
         assert_eq!(results[0], "ok 1 - host::exit::code_0 # time=12ms");
         assert_eq!(results[1], "not ok 2 - host::exit::code_42");
         assert_eq!(
@@ -54,10 +54,10 @@ mod tests {
             "ok 3 - host::snapshot::restore # SKIP capability snapshot unsupported"
         );
         assert_eq!(
-            results[4],
-            "not ok 5 - runsc::exit::code_42 # TODO known: HOME=/"
+            results[5],
+            "not ok 6 - runsc::exit::code_42 # TODO known: HOME=/"
         );
-        assert_eq!(results[5], "not ok 6 - runsc::snapshot::restore");
+        assert_eq!(results[6], "not ok 7 - runsc::snapshot::restore");
         assert!(text.contains("  outcome: xpass\n"));
         assert!(
             text.contains("  message: \"exit 41, wanted 42 <&\\\"'>\\u0001\"\n"),
