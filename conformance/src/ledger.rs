@@ -220,10 +220,13 @@ fn recover(e: &Entry, backend: Option<std::sync::Arc<dyn Backend>>) -> Recovered
         .filter(|d| e.owns(&d.to_string_lossy()))
         .cloned()
         .collect();
-    let victims: Vec<audit::Proc> = audit::processes()
+    let mut victims: Vec<audit::Proc> = audit::processes()
         .into_iter()
         .filter(|p| p.runnable() && n.process_reason(p).is_some())
         .collect();
+    // Youngest first, so children go before their parents: a parent that is its pid namespace's
+    // init takes the namespace with it, and what died that way could not be listed by name.
+    victims.sort_by_key(|p| std::cmp::Reverse((p.start, p.pid)));
     for p in &victims {
         for line in p.cgroup.split(';') {
             let mut parts = line.splitn(3, ':');

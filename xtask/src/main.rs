@@ -5,6 +5,7 @@
 
 mod bench;
 mod classes;
+mod clean;
 mod conformance;
 mod gate;
 mod matrix;
@@ -68,6 +69,9 @@ enum Cmd {
         #[arg(long = "backend", value_name = "NAME")]
         backends: Vec<String>,
     },
+    /// Reconcile the ledger now: remove and list by name what the cells of dead harnesses left
+    /// (destroyed through their backend, then by recorded pid and path; never by name pattern).
+    Clean(clean::Options),
     /// Merge report.json files of shards and runner classes (found under each DIR) into one
     /// matrix (gate.json, gate.md, gate.html) and one exit code.
     Gate(gate::Options),
@@ -97,6 +101,7 @@ fn main() -> ExitCode {
         Cmd::Conformance(opts) => conformance::run(&opts),
         Cmd::Bench { backends } => bench::run(&backends),
         Cmd::Gate(opts) => gate::run(&opts),
+        Cmd::Clean(opts) => clean::run(&opts),
         #[cfg(target_os = "linux")]
         Cmd::Soak(opts) => soak::run(&opts),
         #[cfg(target_os = "linux")]
@@ -126,6 +131,7 @@ mod tests {
             "conformance",
             "bench",
             "gate",
+            "clean",
             "soak",
             "stress",
         ] {
