@@ -27,6 +27,7 @@
 mod error;
 pub mod spec;
 pub mod table;
+pub mod trace;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -46,6 +46,8 @@ mod freeze;
 mod spawn;
 mod start;
 mod state;
+#[doc(hidden)]
+pub mod test_support;
 
 use std::collections::BTreeMap;
 use std::io;
@@ -56,6 +58,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use cellcheck_contract::table::{CellTable, Reservation};
+use cellcheck_contract::trace::{failed, traced};
 use cellcheck_contract::{
     AdmittedCell, Availability, Backend, Capabilities, Capability, CellDocument, CellError,
     CellHandle, ExecRequest, ExitReport, Footprint, Retry, TeardownReport,
@@ -182,14 +185,6 @@ where
 {
     let span = Span::current();
     tokio::task::spawn_blocking(move || span.in_scope(f))
-}
-
-/// An operation's outcome, with a failure recorded in its span.
-fn traced<T>(r: Result<T, CellError>) -> Result<T, CellError> {
-    if let Err(e) = &r {
-        debug!(error = %e, kind = e.kind(), "failed");
-    }
-    r
 }
 
 impl HostBackend {
@@ -325,7 +320,7 @@ impl Inner {
                 move |inner, _| {
                     let span = info_span!("ttl", cell = %id2);
                     async move {
-                        let _ = traced(inner.destroy(&id2, Some(incarnation)).await);
+                        let _ = failed(inner.destroy(&id2, Some(incarnation)).await);
                     }
                     .instrument(span)
                 },
@@ -407,7 +402,7 @@ impl Backend for HostBackend {
 
     async fn create(&self, doc: &CellDocument) -> Result<CellHandle, CellError> {
         let span = self.span("create", &doc.spec.id);
-        traced_op(async {
+        traced(async {
             let cell = doc.admit()?;
             let reservation = self.inner.cells.reserve(cell.id())?;
             debug!(incarnation = reservation.incarnation(), "id reserved");
@@ -425,14 +420,12 @@ impl Backend for HostBackend {
 
     async fn wait(&self, id: &str) -> Result<ExitReport, CellError> {
         let span = self.span("wait", id);
-        traced_op(self.wait_inner(id)).instrument(span).await
+        traced(self.wait_inner(id)).instrument(span).await
     }
 
     async fn destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
         let span = self.span("destroy", id);
-        traced_op(self.inner.destroy(id, None))
-            .instrument(span)
-            .await
+        traced(self.inner.destroy(id, None)).instrument(span).await
     }
 
     fn footprint(&self, id: &str) -> Footprint {
@@ -441,17 +434,17 @@ impl Backend for HostBackend {
 
     async fn exec(&self, id: &str, req: ExecRequest) -> Result<ExitReport, CellError> {
         let span = self.span("exec", id);
-        traced_op(exec::run(self, id, req)).instrument(span).await
+        traced(exec::run(self, id, req)).instrument(span).await
     }
 
     async fn pause(&self, id: &str) -> Result<(), CellError> {
         let span = self.span("pause", id);
-        traced_op(self.freeze(id, true)).instrument(span).await
+        traced(self.freeze(id, true)).instrument(span).await
     }
 
     async fn resume(&self, id: &str) -> Result<(), CellError> {
         let span = self.span("resume", id);
-        traced_op(self.freeze(id, false)).instrument(span).await
+        traced(self.freeze(id, false)).instrument(span).await
     }
 
     async fn list(&self) -> Vec<String> {
@@ -498,12 +491,6 @@ impl HostBackend {
 }
 
 /// An operation's future, with its failure recorded in its span.
-async fn traced_op<T>(
-    op: impl std::future::Future<Output = Result<T, CellError>>,
-) -> Result<T, CellError> {
-    traced(op.await)
-}
-
 impl Drop for Inner {
     fn drop(&mut self) {
         // Cells never outlive the backend that made them (tests that fail still clean up).

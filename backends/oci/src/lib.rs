@@ -69,13 +69,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use cellcheck_contract::table::CellTable;
+use cellcheck_contract::trace::traced;
 use cellcheck_contract::{
     AdmittedCell, Availability, Backend, Capabilities, Capability, CellDocument, CellError,
     CellHandle, ExecRequest, ExitReport, Footprint, Retry, SnapshotRef, TeardownReport,
 };
 use cellcheck_fixtures::Fixtures;
 use tokio::sync::watch;
-use tracing::{debug, info_span, Instrument, Span};
+use tracing::{info_span, Instrument, Span};
 
 use runtime::Runtime;
 pub use runtime::RuntimeKind;
@@ -227,17 +228,6 @@ fn invalid_state(operation: &str, state: &str) -> CellError {
         operation: operation.into(),
         state: state.into(),
     }
-}
-
-/// An operation's outcome, with a failure recorded in its span.
-async fn traced<T>(
-    op: impl std::future::Future<Output = Result<T, CellError>>,
-) -> Result<T, CellError> {
-    let r = op.await;
-    if let Err(e) = &r {
-        debug!(error = %e, kind = e.kind(), "failed");
-    }
-    r
 }
 
 impl OciBackend {

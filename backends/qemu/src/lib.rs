@@ -39,8 +39,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex as StdMutex};
 
+use cellcheck_contract::trace::traced;
 use std::time::{Duration, Instant};
-use tracing::{debug, info_span, Instrument, Span};
+use tracing::{info_span, Instrument, Span};
 
 use async_trait::async_trait;
 use cellcheck_contract::table::CellTable;
@@ -220,17 +221,6 @@ impl Inner {
 /// Why the in-guest hardening checks do not apply: they only show what the guest kernel allows
 /// its own processes; the isolation boundary of a microVM is the VMM process on the host.
 const GUEST_KERNEL: &str = "an in-guest check concerns only the guest kernel; the boundary of a microVM is the VMM process on the host";
-
-/// An operation's outcome, with a failure recorded in its span.
-async fn traced<T>(
-    op: impl std::future::Future<Output = Result<T, CellError>>,
-) -> Result<T, CellError> {
-    let r = op.await;
-    if let Err(e) = &r {
-        debug!(error = %e, kind = e.kind(), "failed");
-    }
-    r
-}
 
 impl QemuBackend {
     /// The span of one operation on one cell.
