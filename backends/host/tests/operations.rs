@@ -302,33 +302,11 @@ fn two_processes_churn_at_once() {
     if backend().is_none() {
         return;
     }
-    let exe = std::env::current_exe().unwrap();
-    let children: Vec<_> = (0..2)
-        .map(|_| {
-            std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "thirty_two_concurrent_creators_never_fail",
-                    "--nocapture",
-                ])
-                .env(CHURN_CHILD_ENV, "1")
-                .stdin(std::process::Stdio::null())
-                .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
-        })
-        .collect();
-    for c in children {
-        let out = c.wait_with_output().unwrap();
-        let text = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success() && text.contains("1 passed"),
-            "{}: {text}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+    cellcheck_host::test_support::run_test_in_processes(
+        "thirty_two_concurrent_creators_never_fail",
+        2,
+        (CHURN_CHILD_ENV, "1"),
+    );
 }
 
 /// Every operation is a span naming its cell, with events at its key steps, so a failing trial

@@ -10,22 +10,8 @@ const KIND: RuntimeKind = RuntimeKind::Runc;
 
 // missing program, duplicate/concurrent destroy, deadline, pause/resume: as for every runtime.
 common::shared_tests!(KIND);
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn exit_code_and_signal_are_distinct() {
-    let Some(b) = backend(KIND).await else { return };
-    let a = id("exit");
-    let h = b.create(&doc(&a, &[PROBE, "exit", "137"])).await.unwrap();
-    assert!(h.host_pid.is_some());
-    exit_137_is_reported_twice(&b, &a).await;
-    // As pid 1 of its namespace the workload cannot die of its own signal: kill it from the host.
-    let s = id("sig");
-    let h = b.create(&doc(&s, &[PROBE, "hold"])).await.unwrap();
-    let pid = h.host_pid.expect("runc reports the host pid") as i32;
-    // SAFETY: kill(2) of the container init we just started (the shim holds it unreaped).
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    signal_9_is_reported_then_both_go(&b, &a, &s).await;
-}
+// Exit code and signal apart, the workload killed from the host: as for crun.
+common::shared_tests!(@each KIND; exit_code_and_signal_are_distinct);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_is_exactly_the_declared_set_and_fds_are_0_1_2() {

@@ -22,7 +22,9 @@ use crate::residue::{self, Scope};
 
 mod cells;
 mod leftovers;
+mod many;
 mod run;
+pub use many::PARALLEL;
 pub use run::*;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

@@ -137,16 +137,15 @@ async fn concurrent(ctx: Ctx) -> Result<(), Failure> {
     let id = holding_cell(&ctx).await?;
     ctx.step("8 execs at once, each writing its own byte count");
     let sizes: Vec<usize> = (0..8).map(|i| 1000 + 4099 * i).collect();
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, n) in sizes.iter().enumerate() {
-        let b = ctx.backend_arc();
-        let req = probe_req(&ctx, &id, &["out", &n.to_string()], &[]);
-        let id = id.clone();
-        tasks.spawn(async move { (i, b.exec(&id, req).await) });
-    }
+    let results = ctx
+        .concurrently(sizes.len(), |i| {
+            let (b, id) = (ctx.backend_arc(), id.clone());
+            let req = probe_req(&ctx, &id, &["out", &sizes[i].to_string()], &[]);
+            async move { Ok(b.exec(&id, req).await) }
+        })
+        .await?;
     let mut wrong = Vec::new();
-    while let Some(j) = tasks.join_next().await {
-        let (i, r) = j.map_err(|e| ctx.fail(format!("exec task: {e}")))?;
+    for (i, r) in results.into_iter().enumerate() {
         match r {
             Ok(r)
                 if r.termination == (Termination::Exited { code: 0 })

@@ -1,9 +1,8 @@
 //! How a workload ended, and what it wrote, reported exactly.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cellcheck_contract::{CellDocument, CellError, ExitReport, ResourceKind, Termination};
+use cellcheck_contract::{CellError, ResourceKind, Termination};
 
 use super::pattern;
 use crate::harness::{Ctx, Failure, Scenario};
@@ -40,35 +39,6 @@ pub fn scenarios() -> Vec<Scenario> {
     ]
 }
 
-/// Cells started at once at most, when a scenario runs many: enough to overlap them, few enough
-/// for a VM backend on a small host.
-pub const PARALLEL: usize = 8;
-
-/// Create, wait and destroy each document, [`PARALLEL`] at a time; each cell's id and wait result.
-pub async fn run_many(
-    ctx: &Ctx,
-    docs: Vec<CellDocument>,
-) -> Result<Vec<(String, Result<ExitReport, CellError>)>, Failure> {
-    let gate = Arc::new(tokio::sync::Semaphore::new(PARALLEL));
-    let mut tasks = tokio::task::JoinSet::new();
-    for (i, doc) in docs.into_iter().enumerate() {
-        let (ctx, gate) = (ctx.clone(), gate.clone());
-        tasks.spawn(async move {
-            let _slot = gate.acquire_owned().await;
-            let h = ctx.create(&doc).await?;
-            let r = ctx.try_wait(&h.id).await;
-            ctx.destroy(&h.id).await?;
-            Ok::<_, Failure>((i, h.id, r))
-        });
-    }
-    let mut out = Vec::new();
-    while let Some(j) = tasks.join_next().await {
-        out.push(j.map_err(|e| ctx.fail(format!("a cell task failed: {e}")))??);
-    }
-    out.sort_by_key(|(i, _, _)| *i);
-    Ok(out.into_iter().map(|(_, id, r)| (id, r)).collect())
-}
-
 /// Every code of `codes` from its own cell, the cells overlapping.
 async fn codes(ctx: Ctx, codes: Vec<i32>) -> Result<(), Failure> {
     ctx.step(format!("run `exit N` for N in {codes:?}"));
@@ -76,7 +46,7 @@ async fn codes(ctx: Ctx, codes: Vec<i32>) -> Result<(), Failure> {
         .iter()
         .map(|n| ctx.doc(&["exit", &n.to_string()]))
         .collect();
-    let results = run_many(&ctx, docs).await?;
+    let results = ctx.run_many(docs).await?;
     let wrong: Vec<String> = codes
         .iter()
         .zip(&results)
@@ -109,7 +79,7 @@ async fn signals_beside_codes(ctx: Ctx) -> Result<(), Failure> {
         docs.push(ctx.doc(&["signal", &s.to_string()]));
         docs.push(ctx.doc(&["exit", &(128 + s).to_string()]));
     }
-    let results = run_many(&ctx, docs).await?;
+    let results = ctx.run_many(docs).await?;
     let mut wrong = Vec::new();
     for (s, pair) in SIGNALS.iter().zip(results.chunks(2)) {
         let (sig_id, sig) = &pair[0];

@@ -269,34 +269,26 @@ async fn many_cells(ctx: Ctx) -> Result<(), Failure> {
     use rand::seq::SliceRandom;
     ctx.step(format!(
         "create {MANY} cells ({} at a time)",
-        super::exit::PARALLEL
+        crate::harness::PARALLEL
     ));
-    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(super::exit::PARALLEL));
-    let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..MANY {
-        let id = ctx.new_id();
-        let mut doc = ctx.doc_for(&id, &[]);
-        // Sleeps so the cells overlap; each writes its own index and id on both streams.
-        doc.spec.run.argv = vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            format!(
-                "printf 'out-{i}-%s' \"$0\"; printf 'err-{i}' >&2; sleep 1; exit {}",
-                20 + i
-            ),
-            id.clone(),
-        ];
-        let (ctx, gate) = (ctx.clone(), gate.clone());
-        tasks.spawn(async move {
-            let _slot = gate.acquire_owned().await;
-            ctx.create(&doc).await.map(|h| (i, h.id))
-        });
-    }
-    let mut ids = vec![String::new(); MANY];
-    while let Some(j) = tasks.join_next().await {
-        let (i, id) = j.map_err(|e| ctx.fail(format!("create task: {e}")))??;
-        ids[i] = id;
-    }
+    let ids = ctx
+        .concurrently(MANY, |i| {
+            let id = ctx.new_id();
+            let mut doc = ctx.doc_for(&id, &[]);
+            // Sleeps so the cells overlap; each writes its own index and id on both streams.
+            doc.spec.run.argv = vec![
+                "/bin/sh".into(),
+                "-c".into(),
+                format!(
+                    "printf 'out-{i}-%s' \"$0\"; printf 'err-{i}' >&2; sleep 1; exit {}",
+                    20 + i
+                ),
+                id.clone(),
+            ];
+            let ctx = ctx.clone();
+            async move { ctx.create(&doc).await.map(|h| h.id) }
+        })
+        .await?;
     ctx.step("all of them are listed at once");
     let listed = ctx.backend().list().await;
     let missing: Vec<&String> = ids.iter().filter(|id| !listed.contains(id)).collect();

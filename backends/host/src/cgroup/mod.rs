@@ -332,34 +332,11 @@ mod tests {
         // The same churn in two processes at once (nextest runs every trial in a process of its
         // own, so backends in different processes share `cellcheck`).
         let top = format!("cellcheck-race2-{}", std::process::id());
-        let exe = std::env::current_exe().unwrap();
-        let children: Vec<_> = (0..2)
-            .map(|_| {
-                std::process::Command::new(&exe)
-                    .args([
-                        "--exact",
-                        "cgroup::tests::creates_racing_removals_of_the_shared_parents_never_fail",
-                        "--nocapture",
-                        "--test-threads=1",
-                    ])
-                    .env(RACE_TOP_ENV, &top)
-                    .stdin(std::process::Stdio::null())
-                    .stdout(std::process::Stdio::piped())
-                    .stderr(std::process::Stdio::piped())
-                    .spawn()
-                    .unwrap()
-            })
-            .collect();
-        for child in children {
-            let out = child.wait_with_output().unwrap();
-            let text = String::from_utf8_lossy(&out.stdout);
-            assert!(
-                out.status.success() && text.contains("1 passed"),
-                "{}: {text}{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        crate::test_support::run_test_in_processes(
+            "cgroup::tests::creates_racing_removals_of_the_shared_parents_never_fail",
+            2,
+            (RACE_TOP_ENV, &top),
+        );
         assert_eq!(leftovers(&top), Vec::<PathBuf>::new());
     }
 }

@@ -175,6 +175,22 @@ pub async fn signal_9_is_reported_then_both_go(b: &OciBackend, a: &str, s: &str)
     assert_clean_root(b);
 }
 
+/// runc, crun (the workload is a host process): `exit 137` and a death by SIGKILL are reported
+/// apart. As pid 1 of its namespace the workload cannot die of its own signal, so it is killed
+/// from the host by the pid the backend reports.
+pub async fn exit_code_and_signal_are_distinct(b: &OciBackend) {
+    let a = id("exit");
+    let h = b.create(&doc(&a, &[PROBE, "exit", "137"])).await.unwrap();
+    assert!(h.host_pid.is_some());
+    exit_137_is_reported_twice(b, &a).await;
+    let s = id("sig");
+    let h = b.create(&doc(&s, &[PROBE, "hold"])).await.unwrap();
+    let pid = h.host_pid.expect("the runtime reports the host pid") as i32;
+    // SAFETY: kill(2) of the container init we just started (the shim holds it unreaped).
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    signal_9_is_reported_then_both_go(b, &a, &s).await;
+}
+
 /// The workload sees the declared env (`check_declared` says how exactly, per runtime), a HOME
 /// appended when none is declared, and only fds 0 1 2.
 pub async fn env_is_exactly_the_declared_set_and_fds_are_0_1_2(
