@@ -5,6 +5,8 @@
 //! ```
 //!
 //! Requests arrive on stdin, responses leave on stdout, one JSON object per line; stderr is the log.
+//! Without `--rootfs`/`--init`, the cell root and init are the fixtures the client names in `hello`
+//! (else the fixtures are found or built as the suite does).
 //! With `--connect`, the protocol runs over a unix stream socket instead (how a driver inside a
 //! cell reaches the client outside). Requests are served concurrently. When the input closes or a
 //! `shutdown` arrives, every cell is destroyed before the driver exits.
@@ -16,19 +18,22 @@ use std::sync::Arc;
 use cellcheck_contract::{Backend, CellError, Retry};
 use cellcheck_host::{HostBackend, HostConfig};
 use cellcheck_remote::protocol::{
-    capabilities_to_wire, CreateParams, ExecParams, HelloParams, HelloResult, IdParams, Request,
-    Response, RestoreParams, SnapshotParams, MAX_LINE_BYTES, PROTOCOL_VERSION,
+    capabilities_to_wire, CreateParams, ExecParams, FixturePaths, HelloParams, HelloResult,
+    IdParams, Request, Response, RestoreParams, SnapshotParams, MAX_LINE_BYTES, PROTOCOL_VERSION,
 };
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::mpsc;
 
 const USAGE: &str = "usage: cellcheck-driver [--connect SOCKET] host [--rootfs DIR] [--init PATH] [--state-root DIR] [--name NAME]";
 
 struct Args {
     connect: Option<PathBuf>,
-    host: HostConfig,
+    rootfs: Option<PathBuf>,
+    init: Option<PathBuf>,
+    state_root: Option<PathBuf>,
+    name: Option<String>,
 }
 
 fn parse_args(it: impl Iterator<Item = String>) -> Result<Args, String> {
@@ -62,10 +67,29 @@ fn parse_args(it: impl Iterator<Item = String>) -> Result<Args, String> {
             other => return Err(format!("unknown host option {other:?}\n{USAGE}")),
         }
     }
+    Ok(Args {
+        connect,
+        rootfs,
+        init,
+        state_root,
+        name,
+    })
+}
+
+/// The host backend's configuration: the flags first, then the fixtures the client named in
+/// `hello`, and only without either the fixtures found (or built) the usual way.
+fn host_config(args: &Args, hello: Option<&FixturePaths>) -> Result<HostConfig, String> {
+    let rootfs = args
+        .rootfs
+        .clone()
+        .or_else(|| hello.map(|f| PathBuf::from(&f.rootfs)));
+    let init = args
+        .init
+        .clone()
+        .or_else(|| hello.map(|f| PathBuf::from(&f.host_init)));
     let mut host = match (rootfs, init) {
         (Some(r), Some(i)) => HostConfig::new(i, r),
         (r, i) => {
-            // Outside a cell the fixtures can be found (or built) the usual way.
             let fx = cellcheck_fixtures::ensure().map_err(|e| e.to_string())?;
             let mut c = HostConfig::from_fixtures(&fx);
             if let Some(r) = r {
@@ -77,13 +101,24 @@ fn parse_args(it: impl Iterator<Item = String>) -> Result<Args, String> {
             c
         }
     };
-    if let Some(s) = state_root {
-        host.state_root = s;
+    if let Some(s) = &args.state_root {
+        host.state_root = s.clone();
     }
-    if let Some(n) = name {
-        host.name = n;
+    if let Some(n) = &args.name {
+        host.name = n.clone();
     }
-    Ok(Args { connect, host })
+    Ok(host)
+}
+
+/// The fixtures a `hello` line names, if it is one and names them.
+fn hello_fixtures(line: &[u8]) -> Option<FixturePaths> {
+    let req: Request = serde_json::from_slice(line).ok()?;
+    if req.op != "hello" {
+        return None;
+    }
+    serde_json::from_value::<HelloParams>(req.params)
+        .ok()?
+        .fixtures
 }
 
 fn main() -> ExitCode {
@@ -105,17 +140,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let backend = Arc::new(HostBackend::new(args.host));
-    let res = rt.block_on(async {
+    let (backend, res) = rt.block_on(async {
         match &args.connect {
-            Some(path) => {
-                let s = tokio::net::UnixStream::connect(path)
-                    .await
-                    .map_err(|e| format!("connect {}: {e}", path.display()))?;
-                let (r, w) = s.into_split();
-                serve(backend.clone(), r, w).await
-            }
-            None => serve(backend.clone(), tokio::io::stdin(), tokio::io::stdout()).await,
+            Some(path) => match tokio::net::UnixStream::connect(path).await {
+                Ok(s) => {
+                    let (r, w) = s.into_split();
+                    run(&args, r, w).await
+                }
+                Err(e) => (None, Err(format!("connect {}: {e}", path.display()))),
+            },
+            None => run(&args, tokio::io::stdin(), tokio::io::stdout()).await,
         }
     });
     // Drop destroys any cell still tracked, even when serving failed.
@@ -127,6 +161,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Build the backend (from the first request when it is the `hello` naming the fixtures and no
+/// flag named them) and serve. Returns the backend, for the caller to drop after the runtime's work.
+async fn run(
+    args: &Args,
+    input: impl AsyncRead + Unpin,
+    output: impl AsyncWrite + Unpin + Send + 'static,
+) -> (Option<Arc<HostBackend>>, Result<(), String>) {
+    let mut input = BufReader::new(input);
+    let mut first = Vec::new();
+    if args.rootfs.is_none() || args.init.is_none() {
+        // The protocol starts with `hello`; it is served below like any request.
+        if let Err(e) = input.read_until(b'\n', &mut first).await {
+            return (None, Err(format!("read request: {e}")));
+        }
+    }
+    let host = match host_config(args, hello_fixtures(&first).as_ref()) {
+        Ok(h) => h,
+        Err(e) => return (None, Err(e)),
+    };
+    let backend = Arc::new(HostBackend::new(host));
+    let res = serve(
+        backend.clone(),
+        std::io::Cursor::new(first).chain(input),
+        output,
+    )
+    .await;
+    (Some(backend), res)
 }
 
 /// Serve requests until the input closes or `shutdown`; then destroy every cell.
@@ -281,5 +344,41 @@ async fn handle<B: Backend>(b: &B, req: Request) -> Result<Value, CellError> {
             Ok(json!({}))
         }
         other => Err(bad(format!("unknown operation {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(flags: &[&str]) -> Args {
+        parse_args(["host"].iter().chain(flags).map(|s| s.to_string())).unwrap()
+    }
+
+    #[test]
+    fn the_rootfs_and_init_come_from_hello_unless_flags_name_them() {
+        let line = br#"{"v":1,"id":1,"op":"hello","params":{"versions":[1],"client":"c","fixtures":{"rootfs":"/fx/rootfs","probe":"/fx/probe","host_init":"/fx/init"}}}"#;
+        let hello = hello_fixtures(line).expect("hello names fixtures");
+        let c = host_config(&args(&[]), Some(&hello)).unwrap();
+        assert_eq!(
+            (c.rootfs, c.init),
+            (PathBuf::from("/fx/rootfs"), PathBuf::from("/fx/init"))
+        );
+        let c = host_config(&args(&["--rootfs", "/mine", "--init", "/i"]), Some(&hello)).unwrap();
+        assert_eq!(
+            (c.rootfs, c.init),
+            (PathBuf::from("/mine"), PathBuf::from("/i"))
+        );
+        // Not a hello, or one without fixtures: nothing taken from it.
+        assert_eq!(
+            hello_fixtures(br#"{"v":1,"id":1,"op":"list","params":{}}"#),
+            None
+        );
+        assert_eq!(
+            hello_fixtures(
+                br#"{"v":1,"id":1,"op":"hello","params":{"versions":[1],"client":"c"}}"#
+            ),
+            None
+        );
     }
 }

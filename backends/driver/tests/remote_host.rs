@@ -20,15 +20,9 @@ async fn host_over_the_protocol() {
     let tap = SchemaTap::new();
     let b = RemoteBackend::with_options(
         "remote-host",
-        vec![
-            env!("CARGO_BIN_EXE_cellcheck-driver").into(),
-            "host".into(),
-            "--rootfs".into(),
-            fx.rootfs.display().to_string(),
-            "--init".into(),
-            fx.host_init.display().to_string(),
-        ],
-        tap.options(),
+        // No --rootfs or --init: the driver takes both from hello.
+        vec![env!("CARGO_BIN_EXE_cellcheck-driver").into(), "host".into()],
+        tap.options_with_fixtures(&fx),
     )
     .expect("handshake");
     assert_eq!(b.driver_info().backend, "host");

@@ -201,8 +201,8 @@ impl Registry {
                 let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
                 let what = format!("{}={cmd:?}", cellcheck_remote::DRIVER_ENV);
                 self.with(
-                    Entry::new("remote", Probe::Preflight, move |_| {
-                        cellcheck_remote::remote_or_unavailable("remote", argv.clone())
+                    Entry::new("remote", Probe::Preflight, move |fx| {
+                        cellcheck_remote::remote_with_fixtures("remote", argv.clone(), fx)
                     })
                     .configured_by(what),
                 )
@@ -280,9 +280,10 @@ impl Registry {
             ))
             .with(
                 Entry::new("remote-python", Probe::Preflight, |fx| {
-                    cellcheck_remote::remote_or_unavailable(
+                    cellcheck_remote::remote_with_fixtures(
                         "remote-python",
-                        cellcheck_remote::python_runc_driver_argv(fx),
+                        cellcheck_remote::python_runc_driver_argv(),
+                        fx,
                     )
                 })
                 // The driver protocol's own overhead (the example drives `cellcheck-driver host`).

@@ -12,8 +12,8 @@ use serde_json::{json, Value};
 
 use crate::conn::Conn;
 use crate::protocol::{
-    attributes_from_wire, availability_from_wire, capabilities_from_wire, HelloResult, ListResult,
-    PROTOCOL_VERSION,
+    attributes_from_wire, availability_from_wire, capabilities_from_wire, FixturePaths,
+    HelloParams, HelloResult, ListResult, PROTOCOL_VERSION,
 };
 
 /// Deadlines for requests. A request past its deadline fails, and the driver is killed (a driver
@@ -72,27 +72,40 @@ fn decode_with<T>(conn: &Conn, op: &str, r: Result<T, String>) -> Result<T, Cell
     r.map_err(|e| CellError::failure(format!("{}: malformed {op} result: {e}", conn.label())))
 }
 
-/// hello + capabilities + attributes, blocking (used where no runtime may be running).
-pub fn handshake_blocking(conn: &Conn, d: &Deadlines) -> Result<DriverInfo, CellError> {
-    let hello = conn.call_blocking("hello", hello_params(), d.handshake)?;
+/// hello + capabilities + attributes, blocking (used where no runtime may be running). `hello`
+/// tells the driver the fixtures' paths when given.
+pub fn handshake_blocking(
+    conn: &Conn,
+    d: &Deadlines,
+    fixtures: Option<&FixturePaths>,
+) -> Result<DriverInfo, CellError> {
+    let hello = conn.call_blocking("hello", hello_params(fixtures), d.handshake)?;
     let caps = conn.call_blocking("capabilities", json!({}), d.handshake)?;
     let attrs = conn.call_blocking("attributes", json!({}), d.handshake)?;
     info(conn, hello, caps, attrs)
 }
 
 /// hello + capabilities + attributes.
-pub async fn handshake(conn: &Conn, d: &Deadlines) -> Result<DriverInfo, CellError> {
-    let hello = conn.call("hello", hello_params(), d.handshake).await?;
+pub async fn handshake(
+    conn: &Conn,
+    d: &Deadlines,
+    fixtures: Option<&FixturePaths>,
+) -> Result<DriverInfo, CellError> {
+    let hello = conn
+        .call("hello", hello_params(fixtures), d.handshake)
+        .await?;
     let caps = conn.call("capabilities", json!({}), d.handshake).await?;
     let attrs = conn.call("attributes", json!({}), d.handshake).await?;
     info(conn, hello, caps, attrs)
 }
 
-fn hello_params() -> Value {
-    json!({
-        "versions": [PROTOCOL_VERSION],
-        "client": format!("cellcheck-remote {}", env!("CARGO_PKG_VERSION")),
+fn hello_params(fixtures: Option<&FixturePaths>) -> Value {
+    serde_json::to_value(HelloParams {
+        versions: vec![PROTOCOL_VERSION],
+        client: format!("cellcheck-remote {}", env!("CARGO_PKG_VERSION")),
+        fixtures: fixtures.cloned(),
     })
+    .expect("hello params serialize")
 }
 
 fn info(conn: &Conn, hello: Value, caps: Value, attrs: Value) -> Result<DriverInfo, CellError> {

@@ -62,6 +62,8 @@ pub struct RemoteOptions {
     pub deadlines: Deadlines,
     /// Sees every protocol line (tests validate them against the schema).
     pub tap: Option<Tap>,
+    /// The fixtures `hello` tells the driver about.
+    pub fixtures: Option<protocol::FixturePaths>,
 }
 
 /// A backend served by a driver process.
@@ -97,7 +99,7 @@ impl RemoteBackend {
     ) -> Result<Self, CellError> {
         let name = name.into();
         let conn = spawn::spawn(&name, &argv, opts.tap.clone())?;
-        let info = client::handshake_blocking(&conn, &opts.deadlines)?;
+        let info = client::handshake_blocking(&conn, &opts.deadlines, opts.fixtures.as_ref())?;
         Ok(RemoteBackend {
             name,
             argv,
@@ -119,7 +121,11 @@ impl RemoteBackend {
         let mut g = self.conn.lock().unwrap_or_else(|p| p.into_inner());
         if g.dead().is_some() {
             let conn = spawn::spawn(&self.name, &self.argv, self.opts.tap.clone())?;
-            let info = client::handshake_blocking(&conn, &self.opts.deadlines)?;
+            let info = client::handshake_blocking(
+                &conn,
+                &self.opts.deadlines,
+                self.opts.fixtures.as_ref(),
+            )?;
             if info.capabilities != self.info.capabilities {
                 return Err(CellError::failure(format!(
                     "{}: restarted driver declares other capabilities than at start",
@@ -400,20 +406,38 @@ impl Backend for UnavailableBackend {
 }
 
 /// The command line of the example Python driver (runc) over the fixture rootfs.
-pub fn python_runc_driver_argv(fx: &cellcheck_fixtures::Fixtures) -> Vec<String> {
+pub fn python_runc_driver_argv() -> Vec<String> {
     let script = cellcheck_fixtures::workspace_root()
         .join("fixtures/python-driver/cellcheck_runc_driver.py");
-    vec![
-        "python3".into(),
-        script.display().to_string(),
-        "--rootfs".into(),
-        fx.rootfs.display().to_string(),
-    ]
+    // No --rootfs: the driver takes the rootfs from `hello` (see [`remote_with_fixtures`]).
+    vec!["python3".into(), script.display().to_string()]
 }
 
 /// Suite factory: `name` served by `argv`, or an [`UnavailableBackend`] saying why not.
 pub fn remote_or_unavailable(name: &str, argv: Vec<String>) -> Arc<dyn Backend> {
-    match RemoteBackend::new(name, argv) {
+    remote_or_unavailable_with(name, argv, RemoteOptions::default())
+}
+
+/// [`remote_or_unavailable`] whose `hello` gives the driver the paths of `fx` (its rootfs, probe
+/// and host init), so the driver needs no flag or guess to find them.
+pub fn remote_with_fixtures(
+    name: &str,
+    argv: Vec<String>,
+    fx: &cellcheck_fixtures::Fixtures,
+) -> Arc<dyn Backend> {
+    let opts = RemoteOptions {
+        fixtures: Some(protocol::FixturePaths::of(fx)),
+        ..RemoteOptions::default()
+    };
+    remote_or_unavailable_with(name, argv, opts)
+}
+
+fn remote_or_unavailable_with(
+    name: &str,
+    argv: Vec<String>,
+    opts: RemoteOptions,
+) -> Arc<dyn Backend> {
+    match RemoteBackend::with_options(name, argv, opts) {
         Ok(b) => Arc::new(b),
         Err(e) => Arc::new(UnavailableBackend::new(name, e.to_string())),
     }

@@ -105,12 +105,37 @@ impl Response {
     }
 }
 
-/// `hello` params: the versions the client speaks.
+/// `hello` params: the versions the client speaks, and the fixtures it built (when it has them),
+/// so a driver need not guess where the cell root and the probe are.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HelloParams {
     pub versions: Vec<u32>,
     pub client: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixtures: Option<FixturePaths>,
+}
+
+/// Absolute host paths of the built fixtures, as `hello` carries them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FixturePaths {
+    /// The read-only root every cell runs in: busybox, the probe at `/usr/bin/cellcheck-probe`.
+    pub rootfs: String,
+    /// The static probe binary (also inside `rootfs`).
+    pub probe: String,
+    /// The host backend's static cell init.
+    pub host_init: String,
+}
+
+impl FixturePaths {
+    pub fn of(fx: &cellcheck_fixtures::Fixtures) -> Self {
+        FixturePaths {
+            rootfs: fx.rootfs.display().to_string(),
+            probe: fx.probe.display().to_string(),
+            host_init: fx.host_init.display().to_string(),
+        }
+    }
 }
 
 /// `hello` result: the version chosen and who is answering.

@@ -13,15 +13,29 @@ fn python_backend() -> Option<(cellcheck_remote::RemoteBackend, SchemaTap)> {
         return None;
     }
     let tap = SchemaTap::new();
-    let argv = vec![
-        "python3".to_string(),
-        python_driver().display().to_string(),
-        "--rootfs".into(),
-        fx.rootfs.display().to_string(),
-    ];
-    let b = cellcheck_remote::RemoteBackend::with_options("runc-python", argv, tap.options())
-        .expect("python driver handshake");
+    // No --rootfs: the driver takes it from hello.
+    let argv = vec!["python3".to_string(), python_driver().display().to_string()];
+    let b = cellcheck_remote::RemoteBackend::with_options(
+        "runc-python",
+        argv,
+        tap.options_with_fixtures(&fx),
+    )
+    .expect("python driver handshake");
     Some((b, tap))
+}
+
+#[test]
+fn python_driver_without_a_rootfs_says_so_at_hello() {
+    let tap = SchemaTap::new();
+    let argv = vec!["python3".to_string(), python_driver().display().to_string()];
+    let e = cellcheck_remote::RemoteBackend::with_options("runc-python", argv, tap.options())
+        .err()
+        .expect("no rootfs from a flag or from hello");
+    let m = e.to_string();
+    assert!(
+        m.contains("no root filesystem") && m.contains("fixtures.rootfs"),
+        "{m}"
+    );
 }
 
 #[tokio::test]

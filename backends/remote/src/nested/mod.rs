@@ -410,7 +410,7 @@ impl NestedBackend {
             self.inner.opts.tap.clone(),
         );
         tracing::debug!(outer = outer_id, "driver connected");
-        if let Err(e) = client::handshake(&conn, &self.inner.opts.deadlines).await {
+        if let Err(e) = client::handshake(&conn, &self.inner.opts.deadlines, None).await {
             tracing::debug!(outer = outer_id, error = %e, "driver handshake failed");
             conn.close(Duration::from_secs(2));
             self.teardown_outer(outer_id, None).await;

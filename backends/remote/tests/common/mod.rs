@@ -100,6 +100,14 @@ impl SchemaTap {
         }
     }
 
+    /// [`SchemaTap::options`] whose `hello` names the built fixtures, as the suite's do.
+    pub fn options_with_fixtures(&self, fx: &cellcheck_fixtures::Fixtures) -> RemoteOptions {
+        RemoteOptions {
+            fixtures: Some(cellcheck_remote::protocol::FixturePaths::of(fx)),
+            ..self.options()
+        }
+    }
+
     pub fn check(&self, d: Direction, line: &str) {
         let s = &self.inner;
         *s.seen.lock().unwrap() += 1;
