@@ -18,7 +18,6 @@
 //!
 //! ```no_run
 //! # use std::sync::Arc;
-//! # use cellcheck_conformance::faulty::{FaultyBackend, Fault};
 //! # struct MyBackend;
 //! # impl MyBackend { fn new() -> Arc<dyn cellcheck_contract::Backend> { unimplemented!() } }
 //! fn main() -> std::process::ExitCode {
