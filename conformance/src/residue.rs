@@ -108,7 +108,7 @@ fn read_bytes(p: impl AsRef<Path>) -> Option<Vec<u8>> {
 }
 
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && hay.windows(needle.len()).any(|w| w == needle)
+    !needle.is_empty() && memchr::memmem::find(hay, needle).is_some()
 }
 
 /// One process seen in `/proc`.

@@ -50,20 +50,28 @@ pub(super) fn read_processes(
 ) -> Vec<Proc> {
     let me = std::process::id();
     let mut out = Vec::new();
-    let Ok(all) = procfs::process::all_processes() else {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
     };
-    for p in all.flatten() {
-        if p.pid as u32 == me {
+    for e in rd.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        if pid == me {
             continue;
         }
-        // A process that exits meanwhile is simply not there.
-        let Ok(st) = p.stat() else { continue };
-        let pid = st.pid as u32;
+        // A process that exits meanwhile is simply not there. Three fields of `stat` parsed
+        // by hand: a full parse of every process was a large part of each snapshot.
+        let Some(st) = std::fs::read(format!("/proc/{pid}/stat"))
+            .ok()
+            .and_then(|b| stat_fields(&b))
+        else {
+            continue;
+        };
         if let Some(k) = known.and_then(|k| k.get(&(pid, st.starttime))) {
             out.push(Proc {
                 state: st.state,
-                ppid: st.ppid as u32,
+                ppid: st.ppid,
                 ..k.clone()
             });
             continue;
@@ -81,7 +89,7 @@ pub(super) fn read_processes(
         out.push(Proc {
             pid,
             start: st.starttime,
-            ppid: st.ppid as u32,
+            ppid: st.ppid,
             state: st.state,
             cgroup,
             cmdline: read("cmdline"),
@@ -89,6 +97,29 @@ pub(super) fn read_processes(
         });
     }
     out
+}
+
+/// State, ppid and start time from `/proc/<pid>/stat`.
+pub(super) struct StatFields {
+    pub(super) state: char,
+    pub(super) ppid: u32,
+    pub(super) starttime: u64,
+}
+
+/// The comm may hold spaces and parentheses: fields are counted after the last `)`, where the
+/// state is field 3 and the start time field 22.
+pub(super) fn stat_fields(stat: &[u8]) -> Option<StatFields> {
+    let close = stat.iter().rposition(|&b| b == b')')?;
+    let rest = std::str::from_utf8(&stat[close + 1..]).ok()?;
+    let mut it = rest.split_ascii_whitespace();
+    let state = it.next()?.chars().next()?;
+    let ppid = it.next()?.parse().ok()?;
+    let starttime = it.nth(22 - 5)?.parse().ok()?;
+    Some(StatFields {
+        state,
+        ppid,
+        starttime,
+    })
 }
 
 pub(super) fn walk_dirs(dir: &Path, out: &mut BTreeSet<PathBuf>) {

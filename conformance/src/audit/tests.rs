@@ -128,3 +128,19 @@ fn ancestry_follows_the_ppid_chain() {
     assert!(s.descends_from_me(&get(100_002)));
     assert!(!s.descends_from_me(&get(100_003)));
 }
+
+#[test]
+fn stat_fields_agree_with_procfs() {
+    let me = std::process::id();
+    let b = std::fs::read(format!("/proc/{me}/stat")).unwrap();
+    let f = stat_fields(&b).unwrap();
+    let st = procfs::process::Process::myself().unwrap().stat().unwrap();
+    assert_eq!(
+        (f.state, f.ppid, f.starttime),
+        (st.state, st.ppid as u32, st.starttime)
+    );
+    let odd = b"42 (a) b) (c) S 7 42 42 0 -1 4194560 1 2 3 4 5 6 7 8 20 0 1 0 123456 0 0";
+    let f = stat_fields(odd).unwrap();
+    assert_eq!((f.state, f.ppid, f.starttime), ('S', 7, 123456));
+    assert!(stat_fields(b"garbage").is_none());
+}

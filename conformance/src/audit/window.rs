@@ -163,6 +163,17 @@ pub(super) fn diff_window(
         let own = reported
             .iter()
             .any(|r| r.cell == c.cell && r.marker == c.marker);
+        if own {
+            // Its trial's own check already reported what mentions it (against this same
+            // snapshot): only claim its processes, so they are not blamed again below. A full
+            // scoped search here would double the audit's cost of every trial.
+            for p in after.procs.values() {
+                if c.process_reason(p).is_some() || c.host_pids.contains(&(p.pid, p.start)) {
+                    claimed.insert((p.pid, p.start));
+                }
+            }
+            continue;
+        }
         for (cell, l) in scoped(std::slice::from_ref(*c), before, after) {
             if let Leftover::Process { .. } | Leftover::Zombie { .. } = &l {
                 for p in after.procs.values() {
@@ -171,9 +182,7 @@ pub(super) fn diff_window(
                     }
                 }
             }
-            if !own {
-                add(&t.backend, format!("{l} (cell {cell}, trial {})", t.name));
-            }
+            add(&t.backend, format!("{l} (cell {cell}, trial {})", t.name));
         }
     }
     // New processes of ours that mention no cell: descendants of this harness, and zombie
