@@ -10,70 +10,7 @@ use seccompiler::{
     SeccompRule, TargetArch,
 };
 
-/// Refused outright with EPERM: mounting and namespaces, keys, kernel images and modules, bpf,
-/// perf, userfaultfd, swap, reboot, the kernel log, tracing other processes, the clock, and
-/// handle-based opens that walk around a chroot.
-const DENIED: &[i64] = &[
-    libc::SYS_mount,
-    libc::SYS_umount2,
-    libc::SYS_pivot_root,
-    libc::SYS_unshare,
-    libc::SYS_setns,
-    libc::SYS_keyctl,
-    libc::SYS_add_key,
-    libc::SYS_request_key,
-    libc::SYS_kexec_load,
-    libc::SYS_kexec_file_load,
-    libc::SYS_init_module,
-    libc::SYS_finit_module,
-    libc::SYS_delete_module,
-    libc::SYS_open_by_handle_at,
-    libc::SYS_name_to_handle_at,
-    libc::SYS_bpf,
-    libc::SYS_perf_event_open,
-    libc::SYS_userfaultfd,
-    libc::SYS_swapon,
-    libc::SYS_swapoff,
-    libc::SYS_reboot,
-    libc::SYS_syslog,
-    libc::SYS_ptrace,
-    libc::SYS_process_vm_readv,
-    libc::SYS_process_vm_writev,
-    libc::SYS_kcmp,
-    libc::SYS_acct,
-    libc::SYS_settimeofday,
-    libc::SYS_clock_settime,
-    libc::SYS_clock_adjtime,
-    libc::SYS_adjtimex,
-    libc::SYS_quotactl,
-    libc::SYS_lookup_dcookie,
-    libc::SYS_vhangup,
-    libc::SYS_fanotify_init,
-    libc::SYS_fsopen,
-    libc::SYS_fsconfig,
-    libc::SYS_fsmount,
-    libc::SYS_fspick,
-    libc::SYS_move_mount,
-    libc::SYS_open_tree,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_iopl,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_ioperm,
-    #[cfg(target_arch = "x86_64")]
-    libc::SYS_uselib,
-];
-
-/// clone flags that make a new namespace: refused on clone (fork and threads stay allowed).
-const NS_FLAGS: &[u64] = &[
-    libc::CLONE_NEWNS as u64,
-    libc::CLONE_NEWUSER as u64,
-    libc::CLONE_NEWPID as u64,
-    libc::CLONE_NEWNET as u64,
-    libc::CLONE_NEWUTS as u64,
-    libc::CLONE_NEWIPC as u64,
-    libc::CLONE_NEWCGROUP as u64,
-    0x80, // CLONE_NEWTIME
-];
+use cellcheck_host_init::deny::{denied, NAMESPACE_CLONE_FLAGS};
 
 fn arch() -> Result<TargetArch, String> {
     TargetArch::try_from(std::env::consts::ARCH).map_err(|e| format!("seccomp: {e}"))
@@ -85,8 +22,8 @@ fn arch() -> Result<TargetArch, String> {
 pub fn filters() -> Result<Vec<BpfProgram>, String> {
     let arch = arch()?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        DENIED.iter().map(|&nr| (nr, Vec::new())).collect();
-    let clone_rules = NS_FLAGS
+        denied().map(|(_, nr)| (nr, Vec::new())).collect();
+    let clone_rules = NAMESPACE_CLONE_FLAGS
         .iter()
         .map(|&flag| {
             SeccompCondition::new(

@@ -9,6 +9,8 @@
 //! This crate's library part is plain data and parsing only, so the backend and the static init
 //! share one definition of the format.
 
+pub mod deny;
+
 /// The init reads one byte from this fd before it starts anything.
 pub const SYNC_FD: i32 = 3;
 /// The init writes [`Status`] lines to this fd.

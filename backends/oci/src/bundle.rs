@@ -47,77 +47,25 @@ pub const READONLY_PATHS: &[&str] = &[
     "/proc/sysrq-trigger",
 ];
 
-/// Syscalls the default seccomp profile refuses with EPERM; the same list the host backend's
-/// filter refuses, by name so the runtime's libseccomp resolves them for the bundle's arch.
-pub const DENIED_SYSCALLS: &[&str] = &[
-    "mount",
-    "umount2",
-    "pivot_root",
-    "unshare",
-    "setns",
-    "keyctl",
-    "add_key",
-    "request_key",
-    "kexec_load",
-    "kexec_file_load",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "open_by_handle_at",
-    "name_to_handle_at",
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "swapon",
-    "swapoff",
-    "reboot",
-    "syslog",
-    "ptrace",
-    "process_vm_readv",
-    "process_vm_writev",
-    "kcmp",
-    "acct",
-    "settimeofday",
-    "clock_settime",
-    "clock_adjtime",
-    "adjtimex",
-    "quotactl",
-    "lookup_dcookie",
-    "vhangup",
-    "fanotify_init",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "move_mount",
-    "open_tree",
-    "iopl",
-    "ioperm",
-    "uselib",
-];
+pub use cellcheck_host_init::deny::NAMESPACE_CLONE_FLAGS;
 
-/// clone flags that make a new namespace (NEWNS, NEWUSER, NEWPID, NEWNET, NEWUTS, NEWIPC,
-/// NEWCGROUP, NEWTIME): clone with any of them is refused, fork and threads stay allowed.
-pub const NAMESPACE_CLONE_FLAGS: &[u64] = &[
-    0x0002_0000,
-    0x1000_0000,
-    0x2000_0000,
-    0x4000_0000,
-    0x0400_0000,
-    0x0800_0000,
-    0x0200_0000,
-    0x80,
-];
+/// Syscalls the default seccomp profile refuses with EPERM: the host backend's list (one list
+/// for both), by name so the runtime's libseccomp resolves them for the bundle's arch.
+pub fn denied_syscalls() -> Vec<&'static str> {
+    cellcheck_host_init::deny::denied()
+        .map(|(n, _)| n)
+        .collect()
+}
 
 const EPERM: u32 = 1;
 const ENOSYS: u32 = 38;
 
-/// The default `linux.seccomp` profile: allow by default, EPERM for [`DENIED_SYSCALLS`] and for
+/// The default `linux.seccomp` profile: allow by default, EPERM for [`denied_syscalls`] and for
 /// clone with a namespace flag (one rule per flag: a rule's conditions are ANDed). clone3 passes
 /// its flags in memory a filter cannot read, so it answers ENOSYS and libc falls back to clone.
 pub fn seccomp() -> Value {
     let mut syscalls = vec![json!({
-        "names": DENIED_SYSCALLS,
+        "names": denied_syscalls(),
         "action": "SCMP_ACT_ERRNO",
         "errnoRet": EPERM,
     })];
