@@ -90,10 +90,15 @@ pub enum Capability {
     Rlimits,
     /// `limits.cpuMax` is enforced.
     CpuLimit,
+    /// The cell's VMM process on the host (found by the cell id in its command line) holds no
+    /// capability, runs with no_new_privs under a seccomp filter, in mount, net, ipc and uts
+    /// namespaces and a cgroup of its own, the cgroup carrying memory and pids limits. Only a
+    /// backend with a VMM process has it.
+    VmmConfinement,
 }
 
 impl Capability {
-    pub const ALL: [Capability; 20] = [
+    pub const ALL: [Capability; 21] = [
         Capability::Exec,
         Capability::HostPid,
         Capability::Snapshot,
@@ -114,6 +119,7 @@ impl Capability {
         Capability::CgroupIsolation,
         Capability::Rlimits,
         Capability::CpuLimit,
+        Capability::VmmConfinement,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -138,6 +144,7 @@ impl Capability {
             Capability::CgroupIsolation => "cgroup_isolation",
             Capability::Rlimits => "rlimits",
             Capability::CpuLimit => "cpu_limit",
+            Capability::VmmConfinement => "vmm_confinement",
         }
     }
 }

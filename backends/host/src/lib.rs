@@ -103,6 +103,10 @@ pub struct HostConfig {
     pub privileged: bool,
 }
 
+/// Why [`Capability::VmmConfinement`] does not apply: there is no VMM between cell and host.
+const NO_VMM: &str =
+    "no VMM: a cell is processes on the host kernel, checked by the hardening family";
+
 fn instance_id() -> String {
     format!("{}-{:08x}", std::process::id(), rand::random::<u32>())
 }
@@ -337,7 +341,9 @@ impl Backend for HostBackend {
     }
 
     fn capabilities(&self) -> Capabilities {
-        Capabilities::all().without(Capability::Snapshot, self.inner.snapshot_reason.clone())
+        Capabilities::all()
+            .without(Capability::Snapshot, self.inner.snapshot_reason.clone())
+            .without(Capability::VmmConfinement, NO_VMM)
     }
 
     fn attributes(&self) -> BTreeMap<String, String> {

@@ -74,7 +74,11 @@ impl RuntimeKind {
             .with(Capability::MinimalDev)
             .with(Capability::CgroupIsolation)
             .with(Capability::Rlimits)
-            .with(Capability::CpuLimit);
+            .with(Capability::CpuLimit)
+            .without(
+                Capability::VmmConfinement,
+                "no VMM process: runc and crun cells run on the host kernel, runsc's sentry is checked from inside by the hardening family",
+            );
         match self {
             RuntimeKind::Runc | RuntimeKind::Crun => base
                 .with(Capability::HostPid)

@@ -20,7 +20,10 @@
 //!   guest RAM is raised above the limit, so the cgroup, not the VM, runs out); an OOM kill is
 //!   reported as [`Termination::OutOfMemory`]. `cpuMax` and `openFiles` are not applied yet.
 //! - **Hardening**: the in-guest checks only show what the guest kernel allows its own
-//!   processes, so their capabilities are declared unsupported; the boundary is the VMM process.
+//!   processes, so their capabilities are declared unsupported; the boundary is the VMM process:
+//!   QEMU's seccomp sandbox, no capabilities, no_new_privs, its own mount/net/ipc/uts namespaces
+//!   and a cgroup carrying the cell's memory (guest RAM + QEMU's overhead) and a pids limit
+//!   (see `confine`).
 
 //!
 //! Files: `vm` (the QEMU process and its channels), `agent` (the guest agent's requests: the
@@ -29,6 +32,7 @@
 //! [`CellTable`].
 
 mod agent;
+mod confine;
 mod lifecycle;
 mod probe;
 mod snapshot;
@@ -204,6 +208,12 @@ impl Inner {
         self.instance_dir.join(id)
     }
 
+    /// The name of `id`'s VMM cgroup: the instance and the id, so it names the cell.
+    fn cgroup_leaf(&self, id: &str) -> String {
+        let instance = self.instance_dir.file_name().unwrap_or_default();
+        format!("{}-{id}", instance.to_string_lossy())
+    }
+
     fn snapshots_of(&self, id: &str) -> PathBuf {
         self.instance_dir.join("snapshots").join(id)
     }
@@ -256,6 +266,8 @@ impl Backend for QemuBackend {
             .with(Capability::Hostname)
             .with(Capability::MemoryLimit)
             .with(Capability::PidsLimit)
+            // The VMM process on the host: see `confine`.
+            .with(Capability::VmmConfinement)
             .without(
                 Capability::HostPid,
                 "a microVM workload has no host-visible pid",
@@ -316,6 +328,7 @@ impl Backend for QemuBackend {
         Footprint {
             // The work dir path is in QEMU's command line (`-serial file:<dir>/console.log`).
             process_markers: vec![format!("{}/", dir.display())],
+            cgroup_dirs: confine::dirs_for(&self.inner.cgroup_leaf(id)),
             paths: vec![dir, self.inner.snapshots_of(id)],
             ..Footprint::default()
         }

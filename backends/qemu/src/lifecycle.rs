@@ -75,6 +75,7 @@ impl Inner {
             memory_mib: self.memory_for(&admitted),
             dir: pending.dir.clone(),
             incoming: None,
+            cgroup: Some(self.cgroup_leaf(admitted.id())),
         };
         self.launch(pending, admitted, spec, false).await
     }

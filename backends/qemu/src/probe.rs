@@ -159,6 +159,7 @@ async fn run_probe(config: &QemuConfig, a: Accel) -> Availability {
         memory_mib: config.memory_mib,
         dir: dir.clone(),
         incoming: None,
+        cgroup: None,
     };
     let start = Instant::now();
     let verdict = match Vm::start(spec, bound).await {

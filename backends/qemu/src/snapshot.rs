@@ -100,6 +100,7 @@ impl Inner {
             memory_mib: meta.memory_mib,
             dir: self.cell_dir(new_id),
             incoming: Some(dir.join("state")),
+            cgroup: Some(self.cgroup_leaf(new_id)),
         };
         self.launch(pending, doc, spec, true).await
     }
@@ -146,8 +147,9 @@ impl Inner {
     }
 }
 
-/// Write the stopped guest's migration stream to `path` (QEMU 7.2 has no `file:` URI, so it
-/// goes through `exec:cat`), lifting the default 32 MiB/s bandwidth cap first.
+/// Write the stopped guest's migration stream to `path` (QEMU 7.2 has no `file:` URI, and its
+/// sandbox refuses `exec:`, so QEMU gets the open file over QMP), lifting the default 32 MiB/s
+/// bandwidth cap first.
 async fn migrate_to_file(vm: &Vm, path: &Path, deadline: Instant) -> Result<(), CellError> {
     vm.qmp_cmd(
         "migrate-set-parameters",
@@ -155,13 +157,12 @@ async fn migrate_to_file(vm: &Vm, path: &Path, deadline: Instant) -> Result<(), 
         deadline,
     )
     .await?;
-    let quoted = format!("'{}'", path.display().to_string().replace('\'', r"'\''"));
-    vm.qmp_cmd(
-        "migrate",
-        json!({"uri": format!("exec:cat > {quoted}")}),
-        deadline,
-    )
-    .await?;
+    let file = std::fs::File::create(path)
+        .map_err(|e| CellError::failure(format!("snapshot: create {}: {e}", path.display())))?;
+    vm.qmp_getfd("snapshot", &file, deadline).await?;
+    drop(file);
+    vm.qmp_cmd("migrate", json!({"uri": "fd:snapshot"}), deadline)
+        .await?;
     loop {
         let st = vm.qmp_cmd("query-migrate", json!({}), deadline).await?;
         match st.get("status").and_then(|s| s.as_str()) {

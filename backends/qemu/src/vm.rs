@@ -22,6 +22,7 @@ use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
+use crate::confine::{self, VmmCgroup};
 use crate::Accel;
 
 /// Fixed fd numbers the QEMU child finds its channel ends (and an incoming snapshot) at.
@@ -41,6 +42,9 @@ pub(crate) struct VmSpec {
     pub dir: PathBuf,
     /// A snapshot's migration stream to start from instead of booting.
     pub incoming: Option<PathBuf>,
+    /// The name of the VMM's own cgroup (see [`crate::confine`]); `None` for the accelerator
+    /// probe's throwaway VM.
+    pub cgroup: Option<String>,
 }
 
 impl VmSpec {
@@ -65,7 +69,12 @@ impl VmSpec {
         .map(String::from)
         .to_vec();
         a.push("-accel".into());
-        a.push(self.accel.as_str().into());
+        a.push(match self.accel {
+            Accel::Tcg => format!("tcg,tb-size={}", confine::TCG_TB_MIB),
+            Accel::Kvm => "kvm".into(),
+        });
+        a.push("-sandbox".into());
+        a.push(confine::SANDBOX.into());
         a.push("-m".into());
         a.push(self.memory_mib.to_string());
         a.push("-kernel".into());
@@ -125,6 +134,37 @@ impl Lines {
         self.w.write_all(b"\n").await
     }
 
+    /// One line with `fd` attached (SCM_RIGHTS): how QMP's `getfd` receives a file.
+    async fn send_with_fd(&mut self, line: &[u8], fd: i32) -> std::io::Result<()> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        let mut msg = line.to_vec();
+        msg.push(b'\n');
+        let sock: &UnixStream = self.w.as_ref();
+        let raw = sock.as_raw_fd();
+        let sent = loop {
+            sock.writable().await?;
+            let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
+                let iov = [std::io::IoSlice::new(&msg)];
+                let fds = [fd];
+                sendmsg::<()>(
+                    raw,
+                    &iov,
+                    &[ControlMessage::ScmRights(&fds)],
+                    MsgFlags::empty(),
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match r {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e),
+            }
+        };
+        // The fd went with the first byte; the rest (if any) is a plain write.
+        self.w.write_all(&msg[sent..]).await
+    }
+
     /// The next full line (without its newline), or `None` at EOF / deadline.
     async fn next(&mut self, deadline: Instant) -> Result<Vec<u8>, &'static str> {
         let left = deadline.saturating_duration_since(Instant::now());
@@ -149,6 +189,8 @@ pub(crate) struct Vm {
     child: Mutex<Option<Child>>,
     qmp: Mutex<Lines>,
     agent: Mutex<AgentChan>,
+    /// Removed once QEMU is reaped.
+    cgroup: Option<VmmCgroup>,
 }
 
 struct AgentChan {
@@ -177,6 +219,18 @@ impl Vm {
             None => None,
         };
         let qemu_log = fs::File::create(spec.dir.join("qemu.log"))?;
+        let cgroup = match &spec.cgroup {
+            Some(leaf) => Some(
+                VmmCgroup::create(Path::new(confine::CGROUP_ROOT), leaf, spec.memory_mib).map_err(
+                    |e| failure(format!("qemu: the VMM's cgroup: {e}"), Retry::NotRetryable),
+                )?,
+            ),
+            None => None,
+        };
+        let procs = cgroup
+            .as_ref()
+            .map(VmmCgroup::procs_files)
+            .unwrap_or_default();
         let mut cmd = Command::new(&spec.qemu_bin);
         cmd.args(spec.args())
             .stdin(Stdio::null())
@@ -208,15 +262,21 @@ impl Vm {
                         return Err(std::io::Error::last_os_error());
                     }
                 }
-                Ok(())
+                confine::enter(&procs)
             });
         }
-        let child = cmd.spawn().map_err(|e| {
-            failure(
-                format!("spawn {}: {e}", spec.qemu_bin.display()),
-                Retry::NotRetryable,
-            )
-        })?;
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                if let Some(cg) = &cgroup {
+                    cg.remove();
+                }
+                return Err(failure(
+                    format!("spawn {}: {e}", spec.qemu_bin.display()),
+                    Retry::NotRetryable,
+                ));
+            }
+        };
         drop((agent_qemu, qmp_qemu, incoming));
         tracing::debug!(
             pid = child.id(),
@@ -233,6 +293,7 @@ impl Vm {
                 seq: 0,
             }),
             spec,
+            cgroup,
         };
         match vm.bring_up(deadline, bound).await {
             Ok(()) => {
@@ -392,6 +453,30 @@ impl Vm {
         }
     }
 
+    /// QMP `getfd`: hand QEMU `file` under `name` (its seccomp sandbox forbids spawning, so a
+    /// migration stream goes to a file we open, never through `exec:`).
+    pub async fn qmp_getfd(
+        &self,
+        name: &str,
+        file: &fs::File,
+        deadline: Instant,
+    ) -> Result<(), CellError> {
+        let mut q = self.qmp.lock().await;
+        let msg = json!({"execute": "getfd", "arguments": {"fdname": name}});
+        q.send_with_fd(msg.to_string().as_bytes(), file.as_raw_fd())
+            .await
+            .map_err(|e| failure(format!("qmp getfd: {e}"), Retry::Unknown))?;
+        loop {
+            let v = self.qmp_line(&mut q, deadline).await?;
+            if v.get("return").is_some() {
+                return Ok(());
+            }
+            if let Some(e) = v.get("error") {
+                return Err(failure(format!("qmp getfd: {e}"), Retry::NotRetryable));
+            }
+        }
+    }
+
     /// One agent request and its reply (matched by `seq`; strays from timed-out requests are
     /// skipped). Holding the agent lock for the whole exchange keeps snapshots between requests.
     pub async fn agent_request(&self, op: Op, deadline: Instant) -> Result<ReplyBody, CellError> {
@@ -424,6 +509,7 @@ impl Vm {
             }
         }
         *c = None;
+        self.remove_cgroup();
     }
 
     /// SIGKILL and reap (failed starts).
@@ -434,6 +520,14 @@ impl Vm {
             let _ = child.wait().await;
         }
         *c = None;
+        self.remove_cgroup();
+    }
+
+    /// The VMM's cgroup, once QEMU is reaped (a cgroup with a task cannot be removed).
+    fn remove_cgroup(&self) {
+        if let Some(cg) = &self.cgroup {
+            cg.remove();
+        }
     }
 
     /// Best effort for `Drop` paths (no runtime needed): SIGKILL; tokio reaps orphaned children.
@@ -441,9 +535,15 @@ impl Vm {
         if let Ok(mut c) = self.child.try_lock() {
             if let Some(child) = c.as_mut() {
                 let _ = child.start_kill();
-                let _ = child.try_wait();
+                // A SIGKILLed QEMU is gone within milliseconds; its cgroup can go only after.
+                let until = Instant::now() + Duration::from_secs(2);
+                while matches!(child.try_wait(), Ok(None)) && Instant::now() < until {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
+            *c = None;
         }
+        self.remove_cgroup();
     }
 }
 

@@ -33,6 +33,7 @@ impl Backend for FaultyBackend {
             Fault::UnsupportedUntyped => {
                 caps.without(cellcheck_contract::Capability::Pause, "faulty: not offered")
             }
+            Fault::UnconfinedVmm => caps.with(cellcheck_contract::Capability::VmmConfinement),
             _ => caps,
         }
     }

@@ -110,6 +110,10 @@ pub enum Fault {
     /// runs in a writable overlay of the cell's root (upper layer in the cell's own `/tmp`, so
     /// nothing reaches the shared rootfs). Needs an unhardened inner backend.
     WritableRoot,
+    /// The backend claims its VMM process is confined while the process running the cell on the
+    /// host (the host backend's init, which names the cell id) keeps its capabilities and runs
+    /// without no_new_privs or a seccomp filter.
+    UnconfinedVmm,
 }
 
 /// The node [`Fault::ExtraDevice`] adds to the cell's `/dev` (a copy of `null`, harmless).

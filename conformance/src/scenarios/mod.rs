@@ -14,6 +14,7 @@ pub mod pause;
 pub mod residue;
 pub mod snapshot;
 pub mod spec;
+pub mod vmm;
 
 /// Build a [`Scenario`] from an `async fn(Ctx) -> Result<(), Failure>` (or an expression using
 /// `c`, the context).
@@ -42,6 +43,7 @@ pub fn all() -> Vec<Scenario> {
     v.extend(pause::scenarios());
     v.extend(hardening::scenarios());
     v.extend(hostile::scenarios());
+    v.extend(vmm::scenarios());
     v.extend(exec::scenarios());
     v
 }
