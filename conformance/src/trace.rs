@@ -324,35 +324,65 @@ static INSTALLED: OnceLock<Result<Installed, String>> = OnceLock::new();
 pub fn install() -> Result<(), String> {
     INSTALLED
         .get_or_init(|| {
-            let filter = std::env::var(TRACE_VAR).unwrap_or_else(|_| DEFAULT_FILTER.into());
-            let live = match std::env::var("RUST_LOG") {
-                Ok(v) if !v.trim().is_empty() => {
-                    Some(EnvFilter::try_new(&v).map_err(|e| format!("RUST_LOG={v:?}: {e}"))?)
-                }
-                _ => None,
-            };
-            if filter.trim() == "off" {
-                if let Some(f) = live {
+            let f = Filters::parse(
+                std::env::var(TRACE_VAR).ok().as_deref(),
+                std::env::var("RUST_LOG").ok().as_deref(),
+            )?;
+            let Some(capture) = f.capture else {
+                if let Some(live) = f.live {
                     let _ = tracing::subscriber::set_global_default(
-                        tracing_subscriber::registry().with(live_layer(f)),
+                        tracing_subscriber::registry().with(live_layer(live)),
                     );
                 }
                 return Ok(Installed::Off);
-            }
-            let f =
-                EnvFilter::try_new(&filter).map_err(|e| format!("{TRACE_VAR}={filter:?}: {e}"))?;
+            };
             let store = Arc::new(Store::default());
             let sub = tracing_subscriber::registry()
-                .with(CaptureLayer::new(store.clone()).with_filter(f))
-                .with(live.map(live_layer));
+                .with(CaptureLayer::new(store.clone()).with_filter(capture))
+                .with(f.live.map(live_layer));
             Ok(match tracing::subscriber::set_global_default(sub) {
-                Ok(()) => Installed::Capturing { filter, store },
+                Ok(()) => Installed::Capturing {
+                    filter: f.text,
+                    store,
+                },
                 Err(_) => Installed::Taken,
             })
         })
         .as_ref()
         .map(|_| ())
         .map_err(Clone::clone)
+}
+
+/// The capture's and the live printer's filters, from `CELLCHECK_TRACE` and `RUST_LOG`.
+struct Filters {
+    /// `None`: capture off.
+    capture: Option<EnvFilter>,
+    /// The capture's filter as the user wrote it (or the default), for failure messages.
+    text: String,
+    live: Option<EnvFilter>,
+}
+
+impl Filters {
+    /// An invalid value is an error naming its variable: a misspelt filter must not quietly
+    /// capture nothing.
+    fn parse(trace: Option<&str>, rust_log: Option<&str>) -> Result<Filters, String> {
+        let text = trace.unwrap_or(DEFAULT_FILTER).trim().to_string();
+        let live = match rust_log.map(str::trim) {
+            Some(v) if !v.is_empty() => {
+                Some(EnvFilter::try_new(v).map_err(|e| format!("RUST_LOG={v:?}: {e}"))?)
+            }
+            _ => None,
+        };
+        let capture = match text.as_str() {
+            "off" => None,
+            t => Some(EnvFilter::try_new(t).map_err(|e| format!("{TRACE_VAR}={t:?}: {e}"))?),
+        };
+        Ok(Filters {
+            capture,
+            text,
+            live,
+        })
+    }
 }
 
 /// `RUST_LOG`'s events printed to stderr as they happen.
@@ -504,6 +534,21 @@ mod tests {
             store.take(|_| true).is_empty(),
             "an event without a cell was kept"
         );
+    }
+
+    #[test]
+    fn filters_default_to_debug_and_a_bad_one_is_an_error_naming_its_variable() {
+        let f = Filters::parse(None, None).unwrap();
+        assert_eq!(f.text, "debug");
+        assert!(f.capture.is_some() && f.live.is_none());
+        let f = Filters::parse(Some("off"), Some("cellcheck_oci=trace")).unwrap();
+        assert!(f.capture.is_none() && f.live.is_some());
+        let f = Filters::parse(Some("cellcheck_host=trace,info"), Some(" ")).unwrap();
+        assert!(f.capture.is_some() && f.live.is_none());
+        let e = Filters::parse(Some("host=loud"), None).err().unwrap();
+        assert!(e.starts_with("CELLCHECK_TRACE=\"host=loud\""), "{e}");
+        let e = Filters::parse(None, Some("[")).err().unwrap();
+        assert!(e.starts_with("RUST_LOG=\"[\""), "{e}");
     }
 
     #[test]
