@@ -494,6 +494,7 @@ pub fn rerun_command(
                 && k != "CELLCHECK_BACKENDS"
                 && k != "CELLCHECK_RESULTS"
                 && !k.starts_with("CELLCHECK_CANARY_")
+                && !matches!(cellcheck_contract::drivers::name_of(k), Some(d) if d != backend)
         })
         .collect();
     vars.sort();
@@ -702,6 +703,7 @@ mod tests {
             ("HOME", "/root"),
             ("CELLCHECK_FIXTURES_DIR", "it's"),
             ("CELLCHECK_RESULTS", "/x/results.jsonl"),
+            ("CELLCHECK_OTHER_PY_DRIVER", "python3 other.py"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let line = rerun_command("remote::exit::code_0", "p", "conformance", env.into_iter());

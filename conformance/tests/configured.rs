@@ -1,4 +1,5 @@
-//! A driver the user configured (`CELLCHECK_REMOTE_DRIVER`) that fails its handshake fails its
+//! A driver the user configured (`CELLCHECK_REMOTE_DRIVER`, `CELLCHECK_<NAME>_DRIVER`) that fails
+//! its handshake, or whose `hello` gives another name than it was configured under, fails its
 //! trials, naming the driver and what it did, without strict mode: the user asked for it.
 //!
 //! Each broken driver runs in a child process of this test binary (the suite changes its process's
@@ -9,12 +10,12 @@ use std::process::Command;
 use cellcheck_conformance::Suite;
 use cellcheck_registry::Registry;
 
-/// Runs the suite's first scenario against `CELLCHECK_REMOTE_DRIVER` and prints the conclusion.
+/// Runs the suite's first scenario against the configured driver and prints the conclusion.
 #[test]
 #[ignore = "helper: run in a child process by configured_drivers_that_fail_their_handshake_fail"]
 fn helper_run_configured_driver() {
     let mut suite = Suite::new().with_scenarios(vec![cellcheck_conformance::scenarios::all()[0]]);
-    for entry in Registry::new().with_env_driver().entries() {
+    for entry in Registry::new().with_env_drivers().entries() {
         let factory = entry.factory.clone();
         let what = entry
             .configured_by
@@ -38,6 +39,10 @@ fn helper_run_configured_driver() {
 }
 
 fn run_with_driver(cmd: &str) -> String {
+    run_with_driver_var("CELLCHECK_REMOTE_DRIVER", cmd)
+}
+
+fn run_with_driver_var(var: &str, cmd: &str) -> String {
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "helper_run_configured_driver",
@@ -47,7 +52,7 @@ fn run_with_driver(cmd: &str) -> String {
             "--test-threads",
             "1",
         ])
-        .env("CELLCHECK_REMOTE_DRIVER", cmd)
+        .env(var, cmd)
         .env("CELLCHECK_PREFLIGHT_CACHE", "0")
         .env_remove("CELLCHECK_STRICT")
         .env_remove("CELLCHECK_BACKENDS")
@@ -103,4 +108,28 @@ fn configured_drivers_that_fail_their_handshake_fail() {
             "driver {cmd}: the failure must say what it did ({what:?}):\n{out}"
         );
     }
+}
+
+#[test]
+fn a_driver_whose_hello_gives_another_name_fails_naming_both() {
+    let fx = cellcheck_fixtures::ensure().unwrap();
+    let cmd = format!(
+        "{} host --rootfs {} --init {} --name someone-else",
+        fx.driver.display(),
+        fx.rootfs.display(),
+        fx.host_init.display()
+    );
+    let out = run_with_driver_var("CELLCHECK_MINE_DRIVER", &cmd);
+    assert!(
+        out.contains("conclusion: passed=0 failed=1 ignored=0"),
+        "its trial must fail:\n{out}"
+    );
+    assert!(
+        out.contains(&format!("CELLCHECK_MINE_DRIVER={cmd:?}")),
+        "the failure must name the driver:\n{out}"
+    );
+    assert!(
+        out.contains("\"someone-else\"") && out.contains("configured as \"mine\""),
+        "the failure must name both names:\n{out}"
+    );
 }

@@ -8,10 +8,12 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use cellcheck_conformance::results::{self, Outcome, TrialResult};
+use cellcheck_contract::drivers;
 
 use crate::classes::ClassMatrix;
 use crate::matrix::{self, Selected};
-use crate::nextest::{file_len, list_trials, nextest_base, Listed, Progress, PACKAGE, TEST};
+use crate::nextest::{file_len, list_trials, Listed, Progress};
+use crate::outside::{shell_quote, Target};
 use crate::probe;
 use crate::report::Report;
 use crate::util::out_dir;
@@ -36,6 +38,17 @@ pub struct Options {
     /// Do not build the fixtures first.
     #[arg(long)]
     pub no_build: bool,
+    /// Add the backend the driver CMD serves over the driver protocol, under NAME (its `hello`
+    /// must give NAME); repeatable. Its trials get `CELLCHECK_<NAME>_DRIVER=CMD`.
+    #[arg(long = "driver", value_name = "NAME=CMD", value_parser = crate::outside::parse_driver)]
+    pub drivers: Vec<(String, String)>,
+    /// Run the suite test target (`harness = false`) of the crate at PATH under nextest and add
+    /// its backends to the matrix; repeatable.
+    #[arg(long = "crate", value_name = "PATH")]
+    pub crates: Vec<PathBuf>,
+    /// Only the trials this nextest filterset selects (e.g. 'test(/::lifecycle::/)').
+    #[arg(long, value_name = "EXPR")]
+    pub filter: Option<String>,
 }
 
 pub fn parse_partition(v: &str) -> Result<(u32, u32), String> {
@@ -48,8 +61,14 @@ pub fn parse_partition(v: &str) -> Result<(u32, u32), String> {
     }
 }
 
-/// The env every suite process of this run gets.
-fn suite_env(backends: &[String], class: &str, strict: bool) -> Vec<(String, String)> {
+/// The env every suite process of this run gets: the selection, the class, strictness and
+/// each driver's own variable.
+fn suite_env(
+    backends: &[String],
+    class: &str,
+    strict: bool,
+    drivers: &[(String, String)],
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("CELLCHECK_BACKENDS".to_string(), backends.join(",")),
         ("CELLCHECK_HOST_CLASS".to_string(), class.to_string()),
@@ -57,28 +76,35 @@ fn suite_env(backends: &[String], class: &str, strict: bool) -> Vec<(String, Str
     if strict {
         env.push(("CELLCHECK_STRICT".into(), "1".into()));
     }
+    for (name, cmd) in drivers {
+        env.push((drivers::env_var(name), cmd.clone()));
+    }
     env
 }
 
-/// The one line that reruns exactly one trial with the env it needs: the suite's own
-/// [`cellcheck_conformance::rerun_command`] over xtask's env and what it gives the suite, for
-/// results the suite did not write (it records its own for every failure).
-pub fn rerun_command(id: &str, class: &str, strict: bool) -> String {
-    let backend = id.split("::").next().unwrap_or(id);
+/// The one line that reruns exactly one trial of `target` with the env it needs: the suite's own
+/// [`cellcheck_conformance::rerun_command`] over xtask's env and `run_env` (what this run gives
+/// the target's processes), for results the suite did not write (it records its own for every
+/// failure). The suite narrows the selection to the trial's backend and drops other drivers.
+pub fn rerun_command(id: &str, target: &Target, run_env: &[(String, String)]) -> String {
     let mut env: BTreeMap<String, String> = std::env::vars().collect();
     // What selected it in the suite's process, over what the user set.
     env.remove("CELLCHECK_STRICT");
-    env.extend(suite_env(&[backend.to_string()], class, strict));
-    cellcheck_conformance::rerun_command(id, PACKAGE, TEST, env.into_iter())
+    env.extend(run_env.iter().cloned());
+    let line = cellcheck_conformance::rerun_command(id, &target.package, &target.test, env.into_iter());
+    match &target.dir {
+        None => line,
+        Some(d) => format!("cd {} && {line}", shell_quote(&d.display().to_string())),
+    }
 }
 
-/// Gives every failing result its rerun line (the suite's, else [`rerun_command`]).
-fn with_reruns(mut results: Vec<TrialResult>, class: &str, strict: bool) -> Vec<TrialResult> {
+/// Gives every failing result its rerun line (the suite's, else [`Plan::rerun`]).
+fn with_reruns(mut results: Vec<TrialResult>, plan: &Plan) -> Vec<TrialResult> {
     for r in &mut results {
         if r.rerun.is_empty()
             && matches!(r.outcome, Outcome::Fail | Outcome::Xpass | Outcome::Flaky)
         {
-            r.rerun = rerun_command(&r.id, class, strict);
+            r.rerun = plan.rerun(&r.id);
         }
     }
     results
@@ -98,9 +124,17 @@ pub fn complete(
     unusable: &BTreeMap<String, String>,
     first_shard: bool,
 ) -> Vec<TrialResult> {
+    // The suite records ignored trials when nextest lists them, filter or not: a trial the
+    // run's filter leaves out is not this run's.
+    let filtered: BTreeSet<&str> = listed
+        .iter()
+        .filter(|l| l.filtered_out)
+        .map(|l| l.name.as_str())
+        .collect();
+    results.retain(|r| !filtered.contains(r.id.as_str()));
     let seen: BTreeSet<String> = results.iter().map(|r| r.id.clone()).collect();
     for l in listed {
-        if seen.contains(&l.name) {
+        if seen.contains(&l.name) || l.filtered_out {
             continue;
         }
         let backend = l.name.split("::").next().unwrap_or_default();
@@ -155,12 +189,52 @@ pub struct Plan {
     pub listed: Vec<Listed>,
     pub strict: bool,
     pub partition: Option<(u32, u32)>,
+    /// Drivers (name, command), run in this repository's suite under their own names; their
+    /// names are among `chosen`.
+    pub drivers: Vec<(String, String)>,
+    /// Outside crates' test targets and the backends each lists (their trials are in `listed`).
+    pub outside: Vec<(Target, Vec<String>)>,
+    pub filter: Option<String>,
 }
 
 impl Plan {
-    /// The env every suite process of this run gets.
+    /// The env every process of this repository's suite gets in this run.
     pub fn env(&self) -> Vec<(String, String)> {
-        suite_env(&self.chosen, &self.class, self.strict)
+        suite_env(&self.chosen, &self.class, self.strict, &self.drivers)
+    }
+
+    /// Every test target of this run with the env its processes get.
+    pub fn targets(&self) -> Vec<(Target, Vec<(String, String)>)> {
+        let mut out = Vec::new();
+        if !self.chosen.is_empty() {
+            out.push((Target::suite(), self.env()));
+        }
+        for (t, _) in &self.outside {
+            out.push((t.clone(), outside_env(&self.class, self.strict)));
+        }
+        out
+    }
+
+    /// The command that reruns trial `id` alone.
+    pub fn rerun(&self, id: &str) -> String {
+        let b = backend_of(id);
+        match self
+            .outside
+            .iter()
+            .find(|(_, bs)| bs.iter().any(|x| x == b))
+        {
+            Some((t, _)) => rerun_command(id, t, &outside_env(&self.class, self.strict)),
+            None => rerun_command(id, &Target::suite(), &self.env()),
+        }
+    }
+
+    /// Every backend of this run (built-in, drivers, outside crates').
+    pub fn backends(&self) -> BTreeSet<String> {
+        let mut all: BTreeSet<String> = self.chosen.iter().cloned().collect();
+        for (_, bs) in &self.outside {
+            all.extend(bs.iter().cloned());
+        }
+        all
     }
 
     fn first_shard(&self) -> bool {
@@ -168,8 +242,15 @@ impl Plan {
     }
 }
 
-/// Step 1, list: fixtures, probe, the class's backends against this host, and nextest's listing.
-pub fn plan(backends: &[String], strict: bool, partition: Option<(u32, u32)>) -> Result<Plan> {
+/// The env an outside crate's suite processes get: every backend it registers runs.
+fn outside_env(class: &str, strict: bool) -> Vec<(String, String)> {
+    suite_env(&[], class, strict, &[])
+}
+
+/// Step 1, list: fixtures, probe, the class's backends against this host, drivers and outside
+/// crates, and nextest's listing of each.
+pub fn plan(opts: &Options) -> Result<Plan> {
+    let (strict, partition, filter) = (opts.strict, opts.partition, opts.filter.as_deref());
     let host = probe::load_or_probe()?;
     let class = host.class.clone();
     let m = ClassMatrix::load(&class)?;
@@ -182,8 +263,52 @@ pub fn plan(backends: &[String], strict: bool, partition: Option<(u32, u32)>) ->
             );
         }
     }
+    let builtin = cellcheck_registry::Registry::builtin().names();
+    let mut outside_names: Vec<String> = Vec::new();
+    for (name, cmd) in &opts.drivers {
+        if builtin.contains(name) || outside_names.contains(name) {
+            bail!("--driver {name}={cmd}: backend {name:?} already exists in this run");
+        }
+        crate::outside::check_driver(name, cmd)?;
+        outside_names.push(name.clone());
+    }
+    // Outside crates are listed first: their backend names are known only from their listing.
+    let mut outside = Vec::new();
+    let mut outside_listed = Vec::new();
+    for dir in &opts.crates {
+        let t = Target::outside(dir)?;
+        println!("outside crate: {}", t.describe());
+        let listed = list_trials(&t, &outside_env(&class, strict), partition, filter)?;
+        let mut names: Vec<String> = listed
+            .iter()
+            .map(|l| backend_of(&l.name).to_string())
+            .collect();
+        names.dedup();
+        if names.is_empty() {
+            bail!("{}: its suite lists no trial", t.describe());
+        }
+        for n in &names {
+            if builtin.contains(n) || outside_names.contains(n) {
+                bail!(
+                    "{}: its backend {n:?} has the name of another backend of this run",
+                    t.describe()
+                );
+            }
+        }
+        outside_names.extend(names.iter().cloned());
+        outside_listed.extend(listed);
+        outside.push((t, names));
+    }
+    // `--backend` picks built-in backends; naming a driver's or outside crate's backend keeps it
+    // (it runs anyway) without adding any built-in one.
+    let backends: Vec<String> = opts
+        .backends
+        .iter()
+        .filter(|b| !outside_names.contains(b))
+        .cloned()
+        .collect();
     let selection = matrix::select(&m, &host);
-    let (chosen, shown): (Vec<String>, Vec<Selected>) = if backends.is_empty() {
+    let (mut chosen, mut shown): (Vec<String>, Vec<Selected>) = if opts.backends.is_empty() {
         let run = selection
             .iter()
             .filter(|s| s.usable)
@@ -208,6 +333,23 @@ pub fn plan(backends: &[String], strict: bool, partition: Option<(u32, u32)>) ->
             .collect();
         (backends.to_vec(), shown)
     };
+    for (name, cmd) in &opts.drivers {
+        chosen.push(name.clone());
+        shown.push(Selected {
+            name: name.clone(),
+            usable: true,
+            why: format!("driver {}={cmd:?}", drivers::env_var(name)),
+        });
+    }
+    for (t, names) in &outside {
+        for n in names {
+            shown.push(Selected {
+                name: n.clone(),
+                usable: true,
+                why: t.describe(),
+            });
+        }
+    }
     let unusable: BTreeMap<String, String> = shown
         .iter()
         .filter(|s| !s.usable && !chosen.contains(&s.name))
@@ -222,18 +364,25 @@ pub fn plan(backends: &[String], strict: bool, partition: Option<(u32, u32)>) ->
     // The run's own trials are listed with exactly the run's env and partition, so the
     // selection matches what nextest will run; unusable backends are listed apart, only to
     // show their trials as skipped.
+    let suite = Target::suite();
     let mut listed = if chosen.is_empty() {
         Vec::new()
     } else {
-        list_trials(&suite_env(&chosen, &class, strict), partition)?
+        list_trials(
+            &suite,
+            &suite_env(&chosen, &class, strict, &opts.drivers),
+            partition,
+            filter,
+        )?
     };
     if !unusable.is_empty() {
         let names: Vec<String> = unusable.keys().cloned().collect();
-        for mut l in list_trials(&suite_env(&names, &class, false), None)? {
+        for mut l in list_trials(&suite, &suite_env(&names, &class, false, &[]), None, filter)? {
             l.selected = false;
             listed.push(l);
         }
     }
+    listed.extend(outside_listed);
     Ok(Plan {
         host,
         class,
@@ -243,6 +392,9 @@ pub fn plan(backends: &[String], strict: bool, partition: Option<(u32, u32)>) ->
         listed,
         strict,
         partition,
+        drivers: opts.drivers.clone(),
+        outside,
+        filter: filter.map(String::from),
     })
 }
 
@@ -275,12 +427,16 @@ pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
     if !plan.listed.iter().any(|l| l.selected) {
         return Ok(out);
     }
-    let env = plan.env();
     // The suite records ignored trials when nextest lists them, so they count towards progress.
     let per_round = plan
         .listed
         .iter()
-        .filter(|l| l.selected || (l.ignored && !plan.unusable.contains_key(backend_of(&l.name))))
+        .filter(|l| {
+            l.selected
+                || (l.ignored
+                    && !l.filtered_out
+                    && !plan.unusable.contains_key(backend_of(&l.name)))
+        })
         .count();
     let total = per_round * repeat as usize;
     let mut lines_seen = 0;
@@ -288,22 +444,6 @@ pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
         if repeat > 1 {
             println!("round {round}/{repeat}");
         }
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log_path)
-            .with_context(|| format!("open {}", log_path.display()))?;
-        let mut c = nextest_base("run");
-        c.arg("--no-fail-fast");
-        if let Some((k, n)) = plan.partition {
-            c.arg("--partition").arg(format!("count:{k}/{n}"));
-        }
-        c.envs(env.iter().map(|(k, v)| (k, v)))
-            .env("CELLCHECK_RESULTS", &results_path)
-            .env("CELLCHECK_AUDIT_RESULTS", audit_path(dir))
-            .stdin(std::process::Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
         let done_before = (round as usize - 1) * per_round;
         let progress = Progress::start(
             results_path.clone(),
@@ -311,9 +451,17 @@ pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
             done_before,
             total,
         );
-        let status = c.status().context("run `cargo nextest run`");
+        // One target after the other: each process set of a target gets the env of its own.
+        let mut status = Ok(true);
+        for (target, env) in plan.targets() {
+            status = run_target(plan, &target, &env, dir, &results_path, &log_path);
+            match &status {
+                Ok(ok) => out.nextest_ok &= ok,
+                Err(_) => break,
+            }
+        }
         progress.finish();
-        out.nextest_ok &= status?.success();
+        status?;
         let all = results::read_file(&results_path).map_err(anyhow::Error::msg)?;
         out.per_round
             .push(results::last_per_id(all[lines_seen..].to_vec()));
@@ -322,13 +470,43 @@ pub fn rounds(plan: &Plan, repeat: u32, dir: &Path) -> Result<Rounds> {
     Ok(out)
 }
 
+/// One `cargo nextest run` of `target`, its output appended to the log.
+fn run_target(
+    plan: &Plan,
+    target: &Target,
+    env: &[(String, String)],
+    dir: &Path,
+    results_path: &Path,
+    log_path: &Path,
+) -> Result<bool> {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .with_context(|| format!("open {}", log_path.display()))?;
+    let mut c = target.nextest("run", plan.filter.as_deref());
+    c.arg("--no-fail-fast");
+    if let Some((k, n)) = plan.partition {
+        c.arg("--partition").arg(format!("count:{k}/{n}"));
+    }
+    c.envs(env.iter().map(|(k, v)| (k, v)))
+        .env("CELLCHECK_RESULTS", results_path)
+        .env("CELLCHECK_AUDIT_RESULTS", audit_path(dir))
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let status = c
+        .status()
+        .with_context(|| format!("run `cargo nextest run` of {}", target.describe()))?;
+    Ok(status.success())
+}
+
 /// Step 3, fill: one result per trial (repeats folded), completed with what no trial recorded.
 pub fn fill(plan: &Plan, rounds: &Rounds) -> Vec<TrialResult> {
     let folded = results::fold(rounds.per_round.concat());
     with_reruns(
         complete(folded, &plan.listed, &plan.unusable, plan.first_shard()),
-        &plan.class,
-        plan.strict,
+        plan,
     )
 }
 
@@ -367,9 +545,9 @@ pub fn judge(plan: &Plan, results: &[TrialResult]) -> Result<Vec<verdict::Proble
     let default = Expectations::repository_file();
     let (path, required) = Expectations::source(Some(&default)).unwrap_or((default.clone(), false));
     let listed_ids: BTreeSet<String> = plan.listed.iter().map(|l| l.name.clone()).collect();
-    let listed_backends: BTreeSet<String> = plan.chosen.iter().cloned().collect();
+    let listed_backends = plan.backends();
     let known = cellcheck_registry::Registry::builtin()
-        .with_env_driver()
+        .with_env_drivers()
         .names();
     let catalog = catalog(&listed_ids, &listed_backends, &known);
     let today = cellcheck_conformance::expectations::today_utc();
@@ -389,7 +567,12 @@ pub fn judge(plan: &Plan, results: &[TrialResult]) -> Result<Vec<verdict::Proble
 }
 
 pub fn run(opts: &Options) -> Result<bool> {
-    let dir = out_dir();
+    run_in(opts, &out_dir())
+}
+
+/// [`run`], writing the results and every report under `dir`.
+pub fn run_in(opts: &Options, dir: &Path) -> Result<bool> {
+    let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     if opts.no_build {
         println!("fixtures: not built (--no-build)");
@@ -397,7 +580,7 @@ pub fn run(opts: &Options) -> Result<bool> {
         let fx = cellcheck_fixtures::ensure().context("build the fixtures")?;
         println!("fixtures: {}", fx.dir.display());
     }
-    let plan = plan(&opts.backends, opts.strict, opts.partition)?;
+    let plan = plan(opts)?;
     let rounds = rounds(&plan, opts.repeat, &dir)?;
     let results = fill(&plan, &rounds);
     let problems = judge(&plan, &results)?;
@@ -453,7 +636,7 @@ fn report(
                         .map(|r| r.rerun.clone());
                     println!(
                         "    rerun: {}",
-                        recorded.unwrap_or_else(|| rerun_command(id, &plan.class, plan.strict))
+                        recorded.unwrap_or_else(|| plan.rerun(id))
                     );
                 }
             }
@@ -515,7 +698,12 @@ mod tests {
 
     #[test]
     fn rerun_line_names_the_trial_and_its_env() {
-        let line = rerun_command("host::exit::code_42", "linux-nokvm", false);
+        let suite = Target::suite();
+        let line = rerun_command(
+            "host::exit::code_42",
+            &suite,
+            &suite_env(&["host".into()], "linux-nokvm", false, &[]),
+        );
         assert!(line.starts_with("CELLCHECK_BACKENDS=host "), "{line}");
         assert!(
             line.contains(" CELLCHECK_HOST_CLASS=linux-nokvm "),
@@ -523,9 +711,59 @@ mod tests {
         );
         assert!(line.ends_with(" cargo nextest run -p cellcheck-conformance --test conformance -E 'test(=host::exit::code_42)'"), "{line}");
         assert!(!line.contains("CELLCHECK_STRICT"), "{line}");
-        assert!(
-            rerun_command("runsc::a::b", "linux-kvm", true).contains("CELLCHECK_STRICT=1 cargo")
+        assert!(rerun_command(
+            "runsc::a::b",
+            &suite,
+            &suite_env(&["runsc".into()], "linux-kvm", true, &[])
+        )
+        .contains("CELLCHECK_STRICT=1 cargo"));
+        // Two drivers side by side: each trial's line carries its own driver only.
+        let drivers = [
+            ("one".to_string(), "python3 one.py".to_string()),
+            ("two-py".to_string(), "./two".to_string()),
+        ];
+        let env = suite_env(
+            &["host".into(), "one".into(), "two-py".into()],
+            "c",
+            false,
+            &drivers,
         );
+        let one = rerun_command("one::exit::code_0", &suite, &env);
+        assert!(one.starts_with("CELLCHECK_BACKENDS=one "), "{one}");
+        assert!(
+            one.contains(" CELLCHECK_ONE_DRIVER='python3 one.py' cargo nextest run -p cellcheck-conformance --test conformance -E 'test(=one::exit::code_0)'"),
+            "{one}"
+        );
+        let two = rerun_command("two-py::exit::code_0", &suite, &env);
+        assert!(two.contains("CELLCHECK_TWO_PY_DRIVER=./two "), "{two}");
+        assert!(!two.contains("one.py"), "{two}");
+        assert!(!rerun_command("host::a::b", &suite, &env).contains("_DRIVER"));
+        // An outside crate's trial reruns from its directory.
+        let outside = Target {
+            dir: Some("/src/my crate".into()),
+            package: "mine".into(),
+            test: "conformance".into(),
+        };
+        let line = rerun_command("mine::a::b", &outside, &outside_env("c", false));
+        assert!(line.starts_with("cd '/src/my crate' && CELLCHECK_BACKENDS=mine "), "{line}");
+        assert!(line.ends_with(" cargo nextest run -p mine --test conformance -E 'test(=mine::a::b)'"), "{line}");
+    }
+
+    #[test]
+    fn driver_and_crate_flags_parse() {
+        let o = parse_args("--driver a=python3 --driver b-2=./drv --crate x/y --filter test(/a/)")
+            .unwrap();
+        assert_eq!(
+            o.drivers,
+            [
+                ("a".into(), "python3".into()),
+                ("b-2".into(), "./drv".into())
+            ]
+        );
+        assert_eq!(o.crates, [PathBuf::from("x/y")]);
+        assert_eq!(o.filter.as_deref(), Some("test(/a/)"));
+        assert!(parse_args("--driver A=x").is_err());
+        assert!(parse_args("--driver a").is_err());
     }
 
     #[test]
@@ -535,34 +773,43 @@ mod tests {
                 name: "host::exit::code_0".into(),
                 ignored: false,
                 selected: true,
+                filtered_out: false,
             },
             Listed {
                 name: "host::exit::code_1".into(),
                 ignored: false,
                 selected: true,
+                filtered_out: false,
             },
             Listed {
                 name: "host::exit::code_2".into(),
                 ignored: false,
                 selected: false,
+                filtered_out: false,
             },
             Listed {
                 name: "host::snapshot::x".into(),
                 ignored: true,
                 selected: false,
+                filtered_out: false,
+            },
+            Listed {
+                name: "host::snapshot::filtered".into(),
+                ignored: true,
+                selected: false,
+                filtered_out: true,
             },
             Listed {
                 name: "crun::exit::code_0".into(),
                 ignored: true,
                 selected: false,
+                filtered_out: false,
             },
         ];
-        let ran = vec![crate::util::sample(
-            "host::exit::code_0",
-            Outcome::Pass,
-            "",
-            5,
-        )];
+        let ran = vec![
+            crate::util::sample("host::exit::code_0", Outcome::Pass, "", 5),
+            crate::util::sample("host::snapshot::filtered", Outcome::Skip, "no snapshots", 0),
+        ];
         let unusable: BTreeMap<String, String> = [
             ("crun".to_string(), "crun: hybrid cgroups".to_string()),
             (
@@ -576,6 +823,10 @@ mod tests {
         assert_eq!(by("host::exit::code_1").unwrap().outcome, Outcome::Fail);
         assert!(by("host::exit::code_2").is_none(), "another shard's trial");
         assert_eq!(by("host::snapshot::x").unwrap().outcome, Outcome::Skip);
+        assert!(
+            by("host::snapshot::filtered").is_none(),
+            "left out by the filter"
+        );
         assert!(by("crun::exit::code_0")
             .unwrap()
             .reason

@@ -14,6 +14,9 @@ mod memory;
 #[cfg(all(test, target_os = "linux"))]
 mod new_backend;
 mod nextest;
+mod outside;
+#[cfg(all(test, target_os = "linux"))]
+mod outside_tests;
 mod probe;
 mod report;
 #[cfg(target_os = "linux")]

@@ -1,9 +1,9 @@
 //! Driving `cargo nextest` for the suite's test target: listing its trials and running them
 //! while showing each result as it lands.
 
+use std::collections::BTreeSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use cellcheck_conformance::results::TrialResult;
 
-use crate::util::project_root;
+use crate::outside::Target;
 
 pub const PACKAGE: &str = "cellcheck-conformance";
 pub const TEST: &str = "conformance";
@@ -23,6 +23,9 @@ pub struct Listed {
     pub ignored: bool,
     /// Whether this run (its partition) will run it.
     pub selected: bool,
+    /// Left out by the run's filter (`--filter`): listed only so expectations are judged
+    /// against every trial, never run nor reported.
+    pub filtered_out: bool,
 }
 
 /// Parses `cargo nextest list --message-format json`.
@@ -54,30 +57,59 @@ pub fn parse_nextest_list(json: &str) -> Result<Vec<Listed>> {
                 name: name.clone(),
                 ignored,
                 selected: status == "matches",
+                filtered_out: false,
             });
         }
     }
     Ok(out)
 }
 
-pub fn nextest_base(sub: &str) -> Command {
-    let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(project_root())
-        .args(["nextest", sub, "-p", PACKAGE, "--test", TEST]);
-    // The reasons trials print what the reports already carry per trial; left out of the run
-    // (and of its partitions) alike.
-    c.arg("-E").arg(format!(
-        "not test(/::{}$/)",
-        cellcheck_conformance::REASONS_TRIAL
-    ));
-    c
+/// Lists `target`'s trials as a run with `env`, `partition` and `filter` (a nextest filterset)
+/// sees them. Trials the filter leaves out are marked [`Listed::filtered_out`].
+pub fn list_trials(
+    target: &Target,
+    env: &[(String, String)],
+    partition: Option<(u32, u32)>,
+    filter: Option<&str>,
+) -> Result<Vec<Listed>> {
+    // Listed without the filter, then marked: the expectations are judged against every trial.
+    let listed = list_once(target, env, partition, None, false)?;
+    let Some(_) = filter else {
+        return Ok(listed);
+    };
+    // nextest reports an ignored trial as "ignored" whether or not the filter matches it; listed
+    // with the ignored ones included, every trial is matched against the filter.
+    let matching: BTreeSet<String> = list_once(target, env, None, filter, true)?
+        .into_iter()
+        .filter(|l| l.selected)
+        .map(|l| l.name)
+        .collect();
+    Ok(listed
+        .into_iter()
+        .map(|mut l| {
+            if !matching.contains(&l.name) {
+                l.filtered_out = true;
+                l.selected = false;
+            }
+            l
+        })
+        .collect())
 }
 
-pub fn list_trials(env: &[(String, String)], partition: Option<(u32, u32)>) -> Result<Vec<Listed>> {
-    let mut c = nextest_base("list");
+fn list_once(
+    target: &Target,
+    env: &[(String, String)],
+    partition: Option<(u32, u32)>,
+    filter: Option<&str>,
+    all: bool,
+) -> Result<Vec<Listed>> {
+    let mut c = target.nextest("list", filter);
     c.args(["--message-format", "json"]);
     if let Some((k, n)) = partition {
         c.arg("--partition").arg(format!("count:{k}/{n}"));
+    }
+    if all {
+        c.args(["--run-ignored", "all"]);
     }
     c.envs(env.iter().map(|(k, v)| (k, v)));
     let out = c.output().context(
@@ -85,7 +117,8 @@ pub fn list_trials(env: &[(String, String)], partition: Option<(u32, u32)>) -> R
     )?;
     if !out.status.success() {
         bail!(
-            "`cargo nextest list` failed ({}):\n{}",
+            "`cargo nextest list` of {} failed ({}):\n{}",
+            target.describe(),
             out.status,
             String::from_utf8_lossy(&out.stderr)
         );

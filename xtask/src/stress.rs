@@ -222,7 +222,10 @@ pub fn run(opts: &Options) -> Result<bool> {
     let fx = cellcheck_fixtures::ensure().context("build the fixtures")?;
     println!("fixtures: {}", fx.dir.display());
     // Built before the load starts: compiling is not what is being stressed.
-    let plan: Plan = conformance::plan(&opts.backends, false, None)?;
+    let plan: Plan = conformance::plan(&conformance::Options {
+        backends: opts.backends.clone(),
+        ..Default::default()
+    })?;
     let selected: Vec<String> = plan
         .listed
         .iter()

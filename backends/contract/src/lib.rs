@@ -24,6 +24,7 @@
 //!   the same value; an operation whose capability is unsupported returns
 //!   [`CellError::Unsupported`].
 
+pub mod drivers;
 mod error;
 pub mod spec;
 pub mod table;

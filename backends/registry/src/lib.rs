@@ -74,6 +74,18 @@ impl Entry {
         }
     }
 
+    /// A backend served by the driver `cmd` (split on whitespace), configured by the user under
+    /// `name`: its `hello` must give that name (see [`cellcheck_remote::configured_driver`]).
+    pub fn driver(name: &str, cmd: &str) -> Entry {
+        let what = format!("{}={cmd:?}", cellcheck_contract::drivers::env_var(name));
+        let argv = cellcheck_contract::drivers::argv(cmd);
+        let owned = name.to_string();
+        Entry::new(name, Probe::Preflight, move |fx| {
+            driver_backend(&owned, argv.clone(), fx)
+        })
+        .configured_by(what)
+    }
+
     /// Marks the backend as configured by the user through `what`.
     pub fn configured_by(mut self, what: impl Into<String>) -> Entry {
         self.configured_by = Some(what.into());
@@ -192,28 +204,13 @@ impl Registry {
         Ok(())
     }
 
-    /// Adds the backend an outside driver serves when `CELLCHECK_REMOTE_DRIVER="cmd args"` is set,
-    /// as backend `remote` (it has no matrix entry: it exists only when configured).
-    #[cfg(target_os = "linux")]
-    pub fn with_env_driver(self) -> Registry {
-        match std::env::var(cellcheck_remote::DRIVER_ENV) {
-            Ok(cmd) if !cmd.trim().is_empty() => {
-                let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
-                let what = format!("{}={cmd:?}", cellcheck_remote::DRIVER_ENV);
-                self.with(
-                    Entry::new("remote", Probe::Preflight, move |fx| {
-                        cellcheck_remote::remote_with_fixtures("remote", argv.clone(), fx)
-                    })
-                    .configured_by(what),
-                )
-            }
-            _ => self,
-        }
-    }
-
-    #[cfg(not(target_os = "linux"))]
-    pub fn with_env_driver(self) -> Registry {
-        self
+    /// Adds a backend per driver the env configures (`CELLCHECK_<NAME>_DRIVER="cmd args"`, see
+    /// [`cellcheck_contract::drivers`]), each under its own name (it has no matrix entry: it
+    /// exists only when configured); `CELLCHECK_REMOTE_DRIVER` is backend `remote`.
+    pub fn with_env_drivers(self) -> Registry {
+        cellcheck_contract::drivers::from_env()
+            .into_iter()
+            .fold(self, |r, (name, cmd)| r.with(Entry::driver(&name, &cmd)))
     }
 
     /// This repository's backends, in matrix order.
@@ -300,6 +297,17 @@ impl Registry {
     pub fn builtin() -> Registry {
         Registry::new()
     }
+}
+
+#[cfg(target_os = "linux")]
+fn driver_backend(name: &str, argv: Vec<String>, fx: &Fixtures) -> Arc<dyn Backend> {
+    cellcheck_remote::configured_driver(name, argv, fx)
+}
+
+// Drivers are spawned by the remote backend, which is built on Linux only.
+#[cfg(not(target_os = "linux"))]
+fn driver_backend(name: &str, _argv: Vec<String>, _fx: &Fixtures) -> Arc<dyn Backend> {
+    unimplemented!("driver backend {name:?}: drivers run on Linux only")
 }
 
 /// QEMU's accelerator rows: a guest boots to its agent with KVM, and with TCG.

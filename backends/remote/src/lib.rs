@@ -31,7 +31,8 @@ pub use client::{Deadlines, DriverInfo};
 pub use conn::{Conn, Direction, Tap};
 pub use protocol::PROTOCOL_VERSION;
 
-/// The env var naming a driver command line for the suite (split on whitespace).
+/// The env var naming the generic driver's command line for the suite (split on whitespace);
+/// [`cellcheck_contract::drivers::env_var`] names any other driver's.
 pub const DRIVER_ENV: &str = "CELLCHECK_REMOTE_DRIVER";
 
 /// A JSON value, cut short for messages.
@@ -85,7 +86,8 @@ impl RemoteBackend {
         Self::with_options(name, argv, RemoteOptions::default())
     }
 
-    /// The driver named by [`DRIVER_ENV`], if the variable is set.
+    /// The driver named by [`DRIVER_ENV`], if the variable is set (see
+    /// [`cellcheck_contract::drivers`] for drivers under other names).
     pub fn from_env(name: impl Into<String>) -> Option<Result<Self, CellError>> {
         let cmd = std::env::var(DRIVER_ENV).ok()?;
         let argv: Vec<String> = cmd.split_whitespace().map(String::from).collect();
@@ -441,4 +443,36 @@ fn remote_or_unavailable_with(
         Ok(b) => Arc::new(b),
         Err(e) => Arc::new(UnavailableBackend::new(name, e.to_string())),
     }
+}
+
+/// Suite factory for a driver the user configured under `name`: as [`remote_with_fixtures`],
+/// and the backend its `hello` names must be `name` (under the generic name
+/// [`cellcheck_contract::drivers::GENERIC_DRIVER`] any is accepted), so results are never filed
+/// under another backend's name.
+pub fn configured_driver(
+    name: &str,
+    argv: Vec<String>,
+    fx: &cellcheck_fixtures::Fixtures,
+) -> Arc<dyn Backend> {
+    let opts = RemoteOptions {
+        fixtures: Some(protocol::FixturePaths::of(fx)),
+        ..RemoteOptions::default()
+    };
+    match RemoteBackend::with_options(name, argv, opts) {
+        Ok(b) => match hello_name_mismatch(name, &b.driver_info().backend) {
+            None => Arc::new(b),
+            Some(why) => Arc::new(UnavailableBackend::new(name, why)),
+        },
+        Err(e) => Arc::new(UnavailableBackend::new(name, e.to_string())),
+    }
+}
+
+/// Why a driver configured as `configured` may not serve under that name, if it may not.
+pub fn hello_name_mismatch(configured: &str, hello: &str) -> Option<String> {
+    (configured != cellcheck_contract::drivers::GENERIC_DRIVER && configured != hello).then(|| {
+        format!(
+            "the driver's hello names its backend {hello:?}, but it was configured as \
+             {configured:?}: the names must match"
+        )
+    })
 }
