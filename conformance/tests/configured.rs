@@ -15,7 +15,12 @@ use cellcheck_registry::Registry;
 #[ignore = "helper: run in a child process by configured_drivers_that_fail_their_handshake_fail"]
 fn helper_run_configured_driver() {
     let mut suite = Suite::new().with_scenarios(vec![cellcheck_conformance::scenarios::all()[0]]);
-    for entry in Registry::new().with_env_drivers().entries() {
+    let registry = Registry::new().with_env_drivers();
+    let [entry] = registry.entries() else {
+        panic!("one driver configured: {registry:?}");
+    };
+    let name = entry.name.clone();
+    for entry in registry.entries() {
         let factory = entry.factory.clone();
         let what = entry
             .configured_by
@@ -25,7 +30,7 @@ fn helper_run_configured_driver() {
     }
     // The scenario's trial alone (not the backend's reasons trial).
     let trial = format!(
-        "remote::{}",
+        "{name}::{}",
         cellcheck_conformance::scenarios::all()[0].path()
     );
     let args =
