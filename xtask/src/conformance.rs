@@ -91,7 +91,8 @@ pub fn rerun_command(id: &str, target: &Target, run_env: &[(String, String)]) ->
     // What selected it in the suite's process, over what the user set.
     env.remove("CELLCHECK_STRICT");
     env.extend(run_env.iter().cloned());
-    let line = cellcheck_conformance::rerun_command(id, &target.package, &target.test, env.into_iter());
+    let line =
+        cellcheck_conformance::rerun_command(id, &target.package, &target.test, env.into_iter());
     match &target.dir {
         None => line,
         Some(d) => format!("cd {} && {line}", shell_quote(&d.display().to_string())),
@@ -634,10 +635,7 @@ fn report(
                         .iter()
                         .find(|r| &r.id == id && !r.rerun.is_empty())
                         .map(|r| r.rerun.clone());
-                    println!(
-                        "    rerun: {}",
-                        recorded.unwrap_or_else(|| plan.rerun(id))
-                    );
+                    println!("    rerun: {}", recorded.unwrap_or_else(|| plan.rerun(id)));
                 }
             }
             None => println!("  {}: {}", p.kind, p.message),
@@ -745,8 +743,14 @@ mod tests {
             test: "conformance".into(),
         };
         let line = rerun_command("mine::a::b", &outside, &outside_env("c", false));
-        assert!(line.starts_with("cd '/src/my crate' && CELLCHECK_BACKENDS=mine "), "{line}");
-        assert!(line.ends_with(" cargo nextest run -p mine --test conformance -E 'test(=mine::a::b)'"), "{line}");
+        assert!(
+            line.starts_with("cd '/src/my crate' && CELLCHECK_BACKENDS=mine "),
+            "{line}"
+        );
+        assert!(
+            line.ends_with(" cargo nextest run -p mine --test conformance -E 'test(=mine::a::b)'"),
+            "{line}"
+        );
     }
 
     #[test]

@@ -205,5 +205,4 @@ mod tests {
             .unwrap_err()
             .contains("[package]"));
     }
-
 }
