@@ -44,7 +44,7 @@ pub fn clean(
 /// time one is needed. Without fixtures, removal goes by record alone.
 fn registered(name: &str) -> Option<Arc<dyn Backend>> {
     static FIXTURES: OnceLock<Option<cellcheck_fixtures::Fixtures>> = OnceLock::new();
-    let registry = cellcheck_registry::Registry::builtin().with_env_driver();
+    let registry = cellcheck_registry::Registry::builtin().with_env_drivers();
     let entry = registry.get(name)?;
     let fx = FIXTURES.get_or_init(|| match cellcheck_fixtures::ensure() {
         Ok(fx) => Some(fx),

@@ -30,7 +30,13 @@ pub fn parse_driver(v: &str) -> Result<(String, String), String> {
 #[cfg(target_os = "linux")]
 pub fn check_driver(name: &str, cmd: &str) -> Result<()> {
     let what = format!("--driver {name}={cmd}");
-    let b = cellcheck_remote::RemoteBackend::new(name, drivers::argv(cmd))
+    // Its hello carries the fixtures' paths, as in the suite.
+    let fx = cellcheck_fixtures::ensure().context("build the fixtures")?;
+    let opts = cellcheck_remote::RemoteOptions {
+        fixtures: Some(cellcheck_remote::protocol::FixturePaths::of(&fx)),
+        ..Default::default()
+    };
+    let b = cellcheck_remote::RemoteBackend::with_options(name, drivers::argv(cmd), opts)
         .map_err(|e| anyhow::anyhow!("{what}: the driver failed its handshake: {e}"))?;
     let hello = b.driver_info().backend.clone();
     if let Some(why) = cellcheck_remote::hello_name_mismatch(name, &hello) {
