@@ -76,7 +76,7 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
         |_| vec!["panicked".into()],
     ),
     (Fault::HangOnWait, &["exit::code_42"], |_| {
-        vec!["did not finish within 20 s".into()]
+        vec!["made no progress for 20 s".into()]
     }),
     (Fault::UndeclaredCgroupDir, &["residue::after_exit"], |f| {
         made_or_missing(f, &["cgroup dir", "[host audit]"])
@@ -417,6 +417,68 @@ fn trace_in_failure() -> Result<(), Failed> {
     }
 }
 
+/// The harness's hang detector bounds progress, not total time: a scenario slowed down by a loaded
+/// host must pass, a silent one and an endless one must fail, each saying which bound it hit.
+fn watchdog_trial() -> Trial {
+    use cellcheck_conformance::harness::{run_scenario_async, BoxFuture};
+    use cellcheck_conformance::{Ctx, Failure, Scenario};
+    fn steps(ctx: Ctx, n: u32) -> BoxFuture<'static, Result<(), Failure>> {
+        Box::pin(async move {
+            for i in 0..n {
+                ctx.step(format!("step {i}"));
+                tokio::time::sleep(Duration::from_millis(400)).await;
+            }
+            Ok(())
+        })
+    }
+    fn slow(ctx: Ctx) -> BoxFuture<'static, Result<(), Failure>> {
+        steps(ctx, 6)
+    }
+    fn endless(ctx: Ctx) -> BoxFuture<'static, Result<(), Failure>> {
+        steps(ctx, u32::MAX)
+    }
+    fn silent(ctx: Ctx) -> BoxFuture<'static, Result<(), Failure>> {
+        Box::pin(async move {
+            ctx.step("silent");
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Ok(())
+        })
+    }
+    Trial::test(
+        "harness::hang_detector_bounds_progress_not_total_time",
+        || {
+            let rt = tokio::runtime::Runtime::new().map_err(|e| Failed::from(e.to_string()))?;
+            let run = |name, f| {
+                let sc = Scenario::new("self", name, &[], f).with_timeout(Duration::from_secs(1));
+                rt.block_on(run_scenario_async(host(), sc))
+            };
+            let slow = run("slow", slow as fn(Ctx) -> _);
+            if !slow.passed {
+                return Err(format!(
+                    "a slow scenario that kept stepping failed:\n{}",
+                    slow.message
+                )
+                .into());
+            }
+            let silent = run("silent", silent as fn(Ctx) -> _);
+            if silent.passed || !silent.message.contains("made no progress for 1 s") {
+                return Err(format!(
+                    "a silent scenario was not caught as hung:\n{}",
+                    silent.message
+                )
+                .into());
+            }
+            let endless = run("endless", endless as fn(Ctx) -> _);
+            if endless.passed || !endless.message.contains("did not finish within 8 s") {
+                return Err(
+                    format!("an endless scenario was not bounded:\n{}", endless.message).into(),
+                );
+            }
+            Ok(())
+        },
+    )
+}
+
 fn main() -> ExitCode {
     // Before any thread: the canary goes into this process's env.
     ids::canary();
@@ -471,5 +533,6 @@ fn main() -> ExitCode {
             }
         },
     ));
+    trials.push(watchdog_trial());
     libtest_mimic::run(&args, trials).exit_code()
 }

@@ -11,6 +11,7 @@ impl Ctx {
         self.set_cell(&id);
         self.ledger_write(&id);
         let r = self.inner.backend.create(doc).await;
+        self.progressed();
         if let Ok(h) = &r {
             self.mark_live(h);
             if h.host_pid.is_some() {
@@ -115,6 +116,7 @@ impl Ctx {
     pub async fn try_wait(&self, id: &str) -> Result<ExitReport, CellError> {
         self.set_cell(id);
         let r = self.inner.backend.wait(id).await;
+        self.progressed();
         if let Ok(rep) = &r {
             self.record_output(format!("wait {id}"), rep);
         }
@@ -131,6 +133,7 @@ impl Ctx {
     pub async fn try_destroy(&self, id: &str) -> Result<TeardownReport, CellError> {
         self.set_cell(id);
         let r = self.inner.backend.destroy(id).await;
+        self.progressed();
         if r.is_ok() {
             self.mark_gone(id);
             self.check_gone(id);
@@ -153,6 +156,7 @@ impl Ctx {
             timeout_ms: Some(30_000),
         };
         let r = self.inner.backend.exec(id, req).await;
+        self.progressed();
         if let Ok(rep) = &r {
             self.record_output(format!("exec {id} {args:?}"), rep);
         }

@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -29,8 +29,14 @@ pub use run::*;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// The bound of a scenario unless it asks for another.
+/// The bound of a scenario unless it asks for another: how long it may go without any progress (a
+/// step begun, or a create, wait, exec or destroy returned) before it counts as hung. A bound on
+/// progress rather than on the total, so a loaded host that makes every operation slower never
+/// turns a working backend red, while a backend that stops answering is still caught at once.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
+/// The bound on a scenario's total time, as a multiple of its progress bound: a backend that keeps
+/// answering but never lets the scenario end is caught too.
+pub const TOTAL_BOUND_FACTOR: u32 = 8;
 /// How long what the kernel (or the backend's reaper) frees asynchronously after every process of
 /// a cell is dead may take: a dead child's exit status collected after SIGCHLD, a veth or loop
 /// device released once its last user is gone. Never applied to a process that can still run.
@@ -169,6 +175,9 @@ struct Inner {
     scenario: &'static str,
     token: String,
     state: Mutex<State>,
+    started: Instant,
+    /// Milliseconds from `started` to the last progress (see [`DEFAULT_TIMEOUT`]).
+    progress_ms: AtomicU64,
 }
 
 /// The scenario's handle on the backend. Every call through it is recorded, so the harness knows
@@ -190,6 +199,8 @@ impl Ctx {
                     step: "start".into(),
                     ..State::default()
                 }),
+                started: Instant::now(),
+                progress_ms: AtomicU64::new(0),
             }),
         }
     }
@@ -226,6 +237,19 @@ impl Ctx {
 
     pub fn step(&self, s: impl Into<String>) {
         self.st().step = s.into();
+        self.progressed();
+    }
+
+    /// Note progress: the scenario is not hung.
+    pub fn progressed(&self) {
+        let ms = self.inner.started.elapsed().as_millis() as u64;
+        self.inner.progress_ms.fetch_max(ms, Ordering::SeqCst);
+    }
+
+    /// How long since the last progress.
+    pub fn idle(&self) -> Duration {
+        let last = Duration::from_millis(self.inner.progress_ms.load(Ordering::SeqCst));
+        self.inner.started.elapsed().saturating_sub(last)
     }
 
     fn set_cell(&self, id: &str) {

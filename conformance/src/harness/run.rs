@@ -85,9 +85,24 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
     let mut audit_time = audit_start.elapsed();
     let fds_before = residue::own_fds();
     let ctx = Ctx::new(backend.clone(), sc.family, sc.name);
-    let task = tokio::spawn((sc.run)(ctx.clone()));
+    let mut task = tokio::spawn((sc.run)(ctx.clone()));
     let abort = task.abort_handle();
-    let verdict: Result<(), String> = match tokio::time::timeout(sc.timeout, task).await {
+    let total_bound = sc.timeout * TOTAL_BOUND_FACTOR;
+    // Wake when the progress bound would run out, and look again: progress made meanwhile moves
+    // the bound on.
+    let ended = loop {
+        let left = sc
+            .timeout
+            .saturating_sub(ctx.idle())
+            .min(total_bound.saturating_sub(start.elapsed()));
+        if left.is_zero() {
+            break Err(ctx.idle() >= sc.timeout);
+        }
+        if let Ok(r) = tokio::time::timeout(left, &mut task).await {
+            break Ok(r);
+        }
+    };
+    let verdict: Result<(), String> = match ended {
         Ok(Ok(Ok(()))) => Ok(()),
         Ok(Ok(Err(f))) => Err(f.to_string()),
         Ok(Err(join)) => Err(match join.try_into_panic() {
@@ -105,13 +120,26 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
             }
             Err(e) => format!("scenario task failed: {e}"),
         }),
-        Err(_) => {
+        Err(idle) => {
             abort.abort();
-            Err(format!(
-                "step: {}\nscenario did not finish within {} s (hung backend?)",
-                ctx.st().step,
-                sc.timeout.as_secs()
-            ))
+            Err(if idle {
+                format!(
+                    "step: {}\nscenario made no progress for {} s (hung backend?): no step begun and \
+                     no create, wait, exec or destroy returned; it ran {} s in all",
+                    ctx.st().step,
+                    sc.timeout.as_secs(),
+                    start.elapsed().as_secs()
+                )
+            } else {
+                format!(
+                    "step: {}\nscenario did not finish within {} s although it kept making \
+                     progress ({} x its progress bound of {} s)",
+                    ctx.st().step,
+                    total_bound.as_secs(),
+                    TOTAL_BOUND_FACTOR,
+                    sc.timeout.as_secs()
+                )
+            })
         }
     };
 
