@@ -154,6 +154,10 @@ struct Inner {
     instance_dir: PathBuf,
     cells: CellTable<Cell>,
     next_snapshot: AtomicU64,
+    /// Boots in flight at most: one per CPU. A boot is CPU-bound (under TCG entirely), so more
+    /// at once only makes each slower, until a loaded host pushes them all past the boot bound;
+    /// the bound counts from when a boot gets its CPU, so it measures the guest, not the queue.
+    boots: tokio::sync::Semaphore,
 }
 
 /// The QEMU backend. Cheap to clone; all clones share the cells.
@@ -181,6 +185,9 @@ impl QemuBackend {
                 accel,
                 cells: CellTable::new(),
                 next_snapshot: AtomicU64::new(1),
+                boots: tokio::sync::Semaphore::new(
+                    std::thread::available_parallelism().map_or(1, |n| n.get()),
+                ),
             }),
         }
     }

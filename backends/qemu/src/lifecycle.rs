@@ -93,7 +93,11 @@ impl Inner {
         fs::create_dir_all(&pending.dir).map_err(|e| {
             CellError::failure(format!("create work dir {}: {e}", pending.dir.display()))
         })?;
-        let vm = Vm::start(spec, self.config.boot_timeout).await?;
+        let vm = {
+            // The semaphore is never closed, so acquiring cannot fail.
+            let _boot = self.boots.acquire().await.ok();
+            Vm::start(spec, self.config.boot_timeout).await?
+        };
         let started = if restored {
             // A restored guest still has the source's hostname.
             vm.agent_request(
