@@ -217,6 +217,9 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
         &["pause::stops_the_clock_without_exec"],
         |_| vec!["did not stop".into()],
     ),
+    (Fault::PauseNoop, &["pause::counter_stops"], |_| {
+        vec!["the counter moved from".into(), "could add at most".into()]
+    }),
     (
         Fault::Unhardened,
         &["hardening::capabilities_empty"],
