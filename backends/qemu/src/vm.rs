@@ -170,23 +170,44 @@ impl Lines {
         self.w.write_all(&msg[sent..]).await
     }
 
-    /// The next full line (without its newline), or `None` at EOF / deadline.
+    /// The next full line (without its newline), or an error at EOF, at the deadline, or past
+    /// [`MAX_REPLY`]. The deadline bounds silence, not the whole line: each chunk that arrives
+    /// moves it on by the time first given, so a long reply from a guest slowed down by a
+    /// loaded host still arrives, while a guest that stops sending is still caught.
     async fn next(&mut self, deadline: Instant) -> Result<Vec<u8>, &'static str> {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, self.r.read_until(b'\n', &mut self.buf)).await {
-            Err(_) => Err("timed out"),
-            Ok(Err(_)) | Ok(Ok(0)) => Err("channel closed (QEMU exited?)"),
-            Ok(Ok(_)) if self.buf.last() != Some(&b'\n') => Err("channel closed (QEMU exited?)"),
-            Ok(Ok(_)) => {
+        let quiet = deadline.saturating_duration_since(Instant::now());
+        let mut deadline = deadline;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let chunk = match tokio::time::timeout(left, self.r.fill_buf()).await {
+                Err(_) => return Err("timed out"),
+                Ok(Err(_)) => return Err("channel closed (QEMU exited?)"),
+                Ok(Ok([])) => return Err("channel closed (QEMU exited?)"),
+                Ok(Ok(c)) => c,
+            };
+            let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
+                Some(i) => (i + 1, true),
+                None => (chunk.len(), false),
+            };
+            self.buf.extend_from_slice(&chunk[..take]);
+            self.r.consume(take);
+            if done {
                 let mut line = std::mem::take(&mut self.buf);
                 while matches!(line.last(), Some(b'\n' | b'\r')) {
                     line.pop();
                 }
-                Ok(line)
+                return Ok(line);
             }
+            if self.buf.len() > MAX_REPLY {
+                return Err("reply line longer than the limit (the guest is not ours to trust)");
+            }
+            deadline = Instant::now() + quiet;
         }
     }
 }
+
+/// Longest reply line taken from the guest: a wait's captures, base64-encoded, fit well within.
+const MAX_REPLY: usize = 256 << 20;
 
 /// A running QEMU.
 pub(crate) struct Vm {
