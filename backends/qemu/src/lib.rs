@@ -33,7 +33,9 @@
 
 mod agent;
 mod confine;
+mod console;
 mod lifecycle;
+mod lines;
 mod probe;
 mod snapshot;
 mod vm;

@@ -16,13 +16,11 @@ use std::time::{Duration, Instant};
 use cellcheck_contract::{CellError, Retry};
 use cellcheck_guest_agent::{Op, Reply, ReplyBody, Request, PROTOCOL_VERSION};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::UnixStream;
 use tokio::process::{Child, Command};
 use tokio::sync::Mutex;
 
 use crate::confine::{self, VmmCgroup};
+use crate::lines::Lines;
 use crate::Accel;
 
 /// Fixed fd numbers the QEMU child finds its channel ends (and an incoming snapshot) at.
@@ -115,99 +113,6 @@ fn failure(reason: impl Into<String>, retry: Retry) -> CellError {
         retry,
     }
 }
-
-/// A line channel with a persistent buffer, so a timed-out read loses nothing.
-struct Lines {
-    r: BufReader<OwnedReadHalf>,
-    w: OwnedWriteHalf,
-    buf: Vec<u8>,
-}
-
-impl Lines {
-    fn new(s: StdUnixStream) -> std::io::Result<Self> {
-        s.set_nonblocking(true)?;
-        let (r, w) = UnixStream::from_std(s)?.into_split();
-        Ok(Lines {
-            r: BufReader::new(r),
-            w,
-            buf: Vec::new(),
-        })
-    }
-
-    async fn send(&mut self, line: &[u8]) -> std::io::Result<()> {
-        self.w.write_all(line).await?;
-        self.w.write_all(b"\n").await
-    }
-
-    /// One line with `fd` attached (SCM_RIGHTS): how QMP's `getfd` receives a file.
-    async fn send_with_fd(&mut self, line: &[u8], fd: i32) -> std::io::Result<()> {
-        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
-        let mut msg = line.to_vec();
-        msg.push(b'\n');
-        let sock: &UnixStream = self.w.as_ref();
-        let raw = sock.as_raw_fd();
-        let sent = loop {
-            sock.writable().await?;
-            let r = sock.try_io(tokio::io::Interest::WRITABLE, || {
-                let iov = [std::io::IoSlice::new(&msg)];
-                let fds = [fd];
-                sendmsg::<()>(
-                    raw,
-                    &iov,
-                    &[ControlMessage::ScmRights(&fds)],
-                    MsgFlags::empty(),
-                    None,
-                )
-                .map_err(std::io::Error::from)
-            });
-            match r {
-                Ok(n) => break n,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
-            }
-        };
-        // The fd went with the first byte; the rest (if any) is a plain write.
-        self.w.write_all(&msg[sent..]).await
-    }
-
-    /// The next full line (without its newline), or an error at EOF, at the deadline, or past
-    /// [`MAX_REPLY`]. The deadline bounds silence, not the whole line: each chunk that arrives
-    /// moves it on by the time first given, so a long reply from a guest slowed down by a
-    /// loaded host still arrives, while a guest that stops sending is still caught.
-    async fn next(&mut self, deadline: Instant) -> Result<Vec<u8>, &'static str> {
-        let quiet = deadline.saturating_duration_since(Instant::now());
-        let mut deadline = deadline;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let chunk = match tokio::time::timeout(left, self.r.fill_buf()).await {
-                Err(_) => return Err("timed out"),
-                Ok(Err(_)) => return Err("channel closed (QEMU exited?)"),
-                Ok(Ok([])) => return Err("channel closed (QEMU exited?)"),
-                Ok(Ok(c)) => c,
-            };
-            let (take, done) = match chunk.iter().position(|b| *b == b'\n') {
-                Some(i) => (i + 1, true),
-                None => (chunk.len(), false),
-            };
-            self.buf.extend_from_slice(&chunk[..take]);
-            self.r.consume(take);
-            if done {
-                let mut line = std::mem::take(&mut self.buf);
-                while matches!(line.last(), Some(b'\n' | b'\r')) {
-                    line.pop();
-                }
-                return Ok(line);
-            }
-            if self.buf.len() > MAX_REPLY {
-                return Err("reply line longer than the limit (the guest is not ours to trust)");
-            }
-            deadline = Instant::now() + quiet;
-        }
-    }
-}
-
-/// Longest reply line taken from the guest: a wait's captures, base64-encoded, fit well within.
-const MAX_REPLY: usize = 256 << 20;
 
 /// A running QEMU.
 pub(crate) struct Vm {
@@ -418,7 +323,7 @@ impl Vm {
             .ok()?
             .ok()?;
         let qemu_log = last_line(&self.spec.dir.join("qemu.log"));
-        let console = console_summary(&self.spec.console_log());
+        let console = crate::console::summary(&self.spec.console_log());
         let what = if self.spec.incoming.is_some() {
             "restore"
         } else {
@@ -431,7 +336,7 @@ impl Vm {
     }
 
     async fn boot_error(&self, why: &str, bound: Duration) -> CellError {
-        let console = console_summary(&self.spec.console_log());
+        let console = crate::console::summary(&self.spec.console_log());
         match self.exited_error().await {
             Some(e) => e,
             None => failure(
@@ -635,38 +540,6 @@ fn op_name(op: &Op) -> &'static str {
 }
 
 /// The last non-empty line of a log file, for error messages.
-/// The console's last line, and first the line naming a guest kernel panic, oops or BUG when there
-/// is one (the last line of a panic is only the end of its stack trace). Reads at most the log's
-/// last 64 KiB: the guest writes this file, so its size is not ours to trust.
-pub(crate) fn console_summary(p: &Path) -> String {
-    const TAIL: u64 = 64 * 1024;
-    let tail = (|| -> std::io::Result<Vec<u8>> {
-        use std::io::{Read, Seek, SeekFrom};
-        let mut f = fs::File::open(p)?;
-        let len = f.metadata()?.len();
-        f.seek(SeekFrom::Start(len.saturating_sub(TAIL)))?;
-        let mut b = Vec::new();
-        f.take(TAIL).read_to_end(&mut b)?;
-        Ok(b)
-    })();
-    let Ok(bytes) = tail else {
-        return "empty".into();
-    };
-    summarize_console(&String::from_utf8_lossy(&bytes))
-}
-
-fn summarize_console(text: &str) -> String {
-    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-    let last = lines.clone().next_back();
-    let fatal =
-        lines.find(|l| l.contains("Kernel panic") || l.contains("Oops:") || l.contains("BUG:"));
-    match (fatal, last) {
-        (Some(f), Some(l)) if f != l => format!("{f} ... {l}"),
-        (_, Some(l)) => l.to_string(),
-        _ => "empty".into(),
-    }
-}
-
 pub(crate) fn last_line(p: &Path) -> String {
     fs::read(p)
         .ok()
@@ -678,22 +551,4 @@ pub(crate) fn last_line(p: &Path) -> String {
                 .map(str::to_string)
         })
         .unwrap_or_else(|| "empty".into())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::summarize_console;
-
-    #[test]
-    fn a_panic_is_named_before_the_end_of_its_trace() {
-        let log = "[    0.02] ..MP-BIOS bug: 8254 timer not connected to IO-APIC\n\
-                   [    0.03] Kernel panic - not syncing: IO-APIC + timer doesn't work!\n\
-                   [    0.04] Call Trace:\n[    0.06]  </TASK>\n";
-        assert_eq!(
-            summarize_console(log),
-            "[    0.03] Kernel panic - not syncing: IO-APIC + timer doesn't work! ... [    0.06]  </TASK>"
-        );
-        assert_eq!(summarize_console("a\n\nready\n"), "ready");
-        assert_eq!(summarize_console("\n \n"), "empty");
-    }
 }
