@@ -478,6 +478,14 @@ impl Vm {
     }
 }
 
+/// A VM dropped without `shutdown` or `kill` (a create cancelled half-way, a panic) still takes
+/// QEMU and its cgroup with it; after those two this finds nothing left to do.
+impl Drop for Vm {
+    fn drop(&mut self) {
+        self.kill_now();
+    }
+}
+
 async fn agent_exchange(
     a: &mut AgentChan,
     op: Op,
