@@ -71,5 +71,6 @@ pub mod trace;
 
 pub use harness::{Ctx, Failure, Scenario};
 pub use suite::{
-    check_selection, rerun_command, run_scenario, run_scenario_bounded, Suite, REASONS_TRIAL,
+    check_selection, rerun_command, run_scenario, run_scenario_bounded, shell_quote, Suite,
+    REASONS_TRIAL,
 };

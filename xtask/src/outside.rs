@@ -164,17 +164,6 @@ fn target_of_manifest(text: &str) -> Result<(String, String), String> {
     Ok((package, test))
 }
 
-pub fn shell_quote(v: &str) -> String {
-    if !v.is_empty()
-        && v.chars()
-            .all(|c| c.is_ascii_alphanumeric() || "-_./,:=+@".contains(c))
-    {
-        v.to_string()
-    } else {
-        format!("'{}'", v.replace('\'', "'\\''"))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -427,11 +427,15 @@ pub fn remote_with_fixtures(
     argv: Vec<String>,
     fx: &cellcheck_fixtures::Fixtures,
 ) -> Arc<dyn Backend> {
-    let opts = RemoteOptions {
+    remote_or_unavailable_with(name, argv, with_fixtures(fx))
+}
+
+/// Options whose `hello` carries the fixture paths of `fx`.
+fn with_fixtures(fx: &cellcheck_fixtures::Fixtures) -> RemoteOptions {
+    RemoteOptions {
         fixtures: Some(protocol::FixturePaths::of(fx)),
         ..RemoteOptions::default()
-    };
-    remote_or_unavailable_with(name, argv, opts)
+    }
 }
 
 fn remote_or_unavailable_with(
@@ -454,11 +458,7 @@ pub fn configured_driver(
     argv: Vec<String>,
     fx: &cellcheck_fixtures::Fixtures,
 ) -> Arc<dyn Backend> {
-    let opts = RemoteOptions {
-        fixtures: Some(protocol::FixturePaths::of(fx)),
-        ..RemoteOptions::default()
-    };
-    match RemoteBackend::with_options(name, argv, opts) {
+    match RemoteBackend::with_options(name, argv, with_fixtures(fx)) {
         Ok(b) => match hello_name_mismatch(name, &b.driver_info().backend) {
             None => Arc::new(b),
             Some(why) => Arc::new(UnavailableBackend::new(name, why)),

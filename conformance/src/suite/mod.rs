@@ -511,7 +511,8 @@ pub fn rerun_command(
     format!("{prefix}cargo nextest run -p {pkg} --test {test} -E 'test(={trial})'")
 }
 
-fn shell_quote(v: &str) -> String {
+/// `v` as one shell word: bare when it is plainly safe, else single-quoted.
+pub fn shell_quote(v: &str) -> String {
     if !v.is_empty()
         && v.chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./,:=+@".contains(c))

@@ -13,11 +13,12 @@ use cellcheck_contract::drivers;
 use crate::classes::ClassMatrix;
 use crate::matrix::{self, Selected};
 use crate::nextest::{file_len, list_trials, Listed, Progress};
-use crate::outside::{shell_quote, Target};
+use crate::outside::Target;
 use crate::probe;
 use crate::report::Report;
 use crate::util::out_dir;
 use crate::verdict::{self, Judged, ProblemKind};
+use cellcheck_conformance::shell_quote;
 
 mod rounds;
 pub use rounds::{fill, rounds, Rounds};
