@@ -56,22 +56,9 @@ impl Ctx {
         fds_before: Option<&BTreeMap<i32, PathBuf>>,
         released: Option<Needles>,
     ) -> (Vec<(String, String)>, Option<audit::Snapshot>) {
-        let others: Vec<Needles> = {
+        let others = {
             let ids: Vec<&str> = recs.iter().map(|c| c.id.as_str()).collect();
-            let live: Vec<CellRec> = self
-                .st()
-                .cells
-                .iter()
-                .filter(|c| c.live && !ids.contains(&c.id.as_str()))
-                .cloned()
-                .collect();
-            live.iter()
-                .map(|c| Needles {
-                    marker: String::new(),
-                    secrets: Vec::new(),
-                    ..self.needles(c)
-                })
-                .collect()
+            self.other_live_needles(&ids)
         };
         let mut needles: Vec<Needles> = recs.iter().map(|c| self.needles(c)).collect();
         needles.extend(released);

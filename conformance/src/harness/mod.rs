@@ -335,6 +335,33 @@ impl Ctx {
     }
 
     /// A document running the probe under `id` (already registered), declaring its marker.
+    /// A document under `id` whose workload is `/bin/sh -c script`, with the cell's marker.
+    pub fn shell_doc(&self, id: &str, script: impl Into<String>) -> CellDocument {
+        let mut d = self.doc_for(id, &[]);
+        d.spec.run.argv = vec!["/bin/sh".into(), "-c".into(), script.into()];
+        d
+    }
+
+    /// What this trial's live cells other than `except` claim by id and pid, so it is never
+    /// blamed on the cells being checked. No marker or secrets: a restored copy shares those
+    /// with its source.
+    fn other_live_needles(&self, except: &[&str]) -> Vec<Needles> {
+        let recs: Vec<CellRec> = self
+            .st()
+            .cells
+            .iter()
+            .filter(|c| c.live && !except.contains(&c.id.as_str()))
+            .cloned()
+            .collect();
+        recs.iter()
+            .map(|c| Needles {
+                marker: String::new(),
+                secrets: Vec::new(),
+                ..self.needles(c)
+            })
+            .collect()
+    }
+
     pub fn doc_for(&self, id: &str, args: &[&str]) -> CellDocument {
         let mut d = CellDocument::new(id, Self::probe_argv(args));
         d.spec.run.env.push(self.marker_env(id));
@@ -492,22 +519,7 @@ impl Ctx {
     /// with no grace period. Processes that another live cell of this trial claims by its own
     /// id or pid (a restored copy still carries the source cell's marker) are not this cell's.
     fn check_gone(&self, id: &str) {
-        let others: Vec<Needles> = {
-            let recs: Vec<CellRec> = self
-                .st()
-                .cells
-                .iter()
-                .filter(|c| c.live && c.id != id)
-                .cloned()
-                .collect();
-            recs.iter()
-                .map(|c| Needles {
-                    marker: String::new(),
-                    secrets: Vec::new(),
-                    ..self.needles(c)
-                })
-                .collect()
-        };
+        let others = self.other_live_needles(&[id]);
         let mut seen = Vec::new();
         for n in self.needles_of_id(id) {
             for (p, why) in audit::runnable_of(&n) {

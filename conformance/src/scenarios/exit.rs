@@ -119,8 +119,7 @@ async fn output_bytes_exact(ctx: Ctx) -> Result<(), Failure> {
         printf_escaped(ERR_BYTES)
     );
     let id = ctx.new_id();
-    let mut doc = ctx.doc_for(&id, &[]);
-    doc.spec.run.argv = vec!["/bin/sh".into(), "-c".into(), script];
+    let doc = ctx.shell_doc(&id, script);
     let (_, r) = ctx.run_doc(&doc).await?;
     ctx.destroy(&id).await?;
     check!(
@@ -149,12 +148,10 @@ async fn output_bytes_exact(ctx: Ctx) -> Result<(), Failure> {
 async fn streams_apart(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("a shell alternates writes to stdout and stderr");
     let id = ctx.new_id();
-    let mut doc = ctx.doc_for(&id, &[]);
-    doc.spec.run.argv = vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        "printf out1; printf err1 >&2; printf out2; printf err2 >&2; exit 5".into(),
-    ];
+    let doc = ctx.shell_doc(
+        &id,
+        "printf out1; printf err1 >&2; printf out2; printf err2 >&2; exit 5",
+    );
     let (_, r) = ctx.run_doc(&doc).await?;
     ctx.destroy(&id).await?;
     check!(
@@ -389,12 +386,7 @@ async fn large_stderr(ctx: Ctx) -> Result<(), Failure> {
 async fn wait_twice(ctx: Ctx) -> Result<(), Failure> {
     ctx.step("run a shell writing to both streams, exit 42");
     let id = ctx.new_id();
-    let mut doc = ctx.doc_for(&id, &[]);
-    doc.spec.run.argv = vec![
-        "/bin/sh".into(),
-        "-c".into(),
-        "printf 'to stdout'; printf 'to stderr' >&2; exit 42".into(),
-    ];
+    let doc = ctx.shell_doc(&id, "printf 'to stdout'; printf 'to stderr' >&2; exit 42");
     let (_, first) = ctx.run_doc(&doc).await?;
     ctx.step("wait again");
     let second = ctx.wait(&id).await?;

@@ -131,14 +131,10 @@ async fn stops_without_exec(ctx: Ctx) -> Result<(), Failure> {
     // One interval of the pause may overlap a sleep already due, plus noise between the twins.
     const SLACK: Duration = Duration::from_millis(700);
     let sleeper = |ctx: &Ctx| {
-        let id = ctx.new_id();
-        let mut doc = ctx.doc_for(&id, &[]);
-        doc.spec.run.argv = vec![
-            "/bin/sh".into(),
-            "-c".into(),
-            "i=0; while [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; printf ticks=$i".into(),
-        ];
-        doc
+        ctx.shell_doc(
+            &ctx.new_id(),
+            "i=0; while [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; printf ticks=$i",
+        )
     };
     let (paused_doc, twin_doc) = (sleeper(&ctx), sleeper(&ctx));
     ctx.step("create two cells sleeping 20 × 100 ms");
