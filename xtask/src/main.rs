@@ -8,6 +8,7 @@ mod classes;
 mod clean;
 mod conformance;
 mod gate;
+mod install;
 mod matrix;
 #[cfg(target_os = "linux")]
 mod memory;

@@ -54,6 +54,10 @@ pub struct HostReport {
     pub probed_at: u64,
     pub probe_ms: u64,
     pub probes: BTreeMap<String, ProbeRow>,
+    /// Where each runtime binary was when the probe ran ([`crate::install::fingerprint`]): a
+    /// runtime installed or removed since makes this report stale.
+    #[serde(default)]
+    pub runtimes: BTreeMap<String, String>,
 }
 
 impl HostReport {
@@ -69,6 +73,7 @@ impl HostReport {
             probed_at: 0,
             probe_ms: 0,
             probes: BTreeMap::new(),
+            runtimes: BTreeMap::new(),
         }
     }
 }
@@ -130,6 +135,7 @@ pub fn probe_host(registry: &Registry) -> Result<HostReport> {
         probed_at: now_secs(),
         probe_ms: start.elapsed().as_millis() as u64,
         probes,
+        runtimes: crate::install::fingerprint(),
     })
 }
 
@@ -158,7 +164,10 @@ pub fn write(report: &HostReport) -> Result<PathBuf> {
     std::fs::create_dir_all(path.parent().expect("has a parent"))
         .with_context(|| format!("create {}", out_dir().display()))?;
     let text = serde_json::to_string_pretty(report)? + "\n";
-    std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+    // Written aside then renamed: another run reading it never sees half a file.
+    let tmp = path.with_extension(format!("json.{}.tmp", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("write {}", path.display()))?;
     Ok(path)
 }
 
@@ -181,6 +190,7 @@ fn load_fresh() -> Option<HostReport> {
     let fresh = r.schema == SCHEMA
         && age < FRESH_FOR.as_secs()
         && r.kernel == kernel_release()
+        && r.runtimes == crate::install::fingerprint()
         && (forced.is_empty() || forced == r.class);
     fresh.then_some(r)
 }

@@ -101,9 +101,7 @@ impl QemuConfig {
     /// [`cellcheck_fixtures::guest`]). Does not fail: a missing guest is reported by preflight.
     pub fn from_fixtures(fx: &Fixtures) -> Self {
         QemuConfig {
-            qemu_bin: std::env::var_os("CELLCHECK_QEMU_BIN")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from(default_qemu_bin())),
+            qemu_bin: qemu_bin(),
             guest: cellcheck_fixtures::guest::ensure_guest(fx).map_err(|e| e.to_string()),
             accel: None,
             memory_mib: 256,
@@ -111,6 +109,13 @@ impl QemuConfig {
             run_root: PathBuf::from("/run/cellcheck"),
         }
     }
+}
+
+/// The QEMU binary: `CELLCHECK_QEMU_BIN`, else the host architecture's on `PATH`.
+fn qemu_bin() -> PathBuf {
+    std::env::var_os("CELLCHECK_QEMU_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(default_qemu_bin()))
 }
 
 fn default_qemu_bin() -> &'static str {
@@ -301,6 +306,9 @@ impl Backend for QemuBackend {
     fn attributes(&self) -> BTreeMap<String, String> {
         let mut a = BTreeMap::new();
         a.insert("accelerator".into(), self.inner.accel.as_str().into());
+        // Part of the suite's preflight cache key: a QEMU installed or removed is probed anew.
+        let bin = probe::binary_path().map_or("not found".into(), |p| p.display().to_string());
+        a.insert("qemu_binary".into(), bin);
         a.insert(
             "guest_memory_mib".into(),
             self.inner.config.memory_mib.to_string(),

@@ -2,7 +2,8 @@
 //!
 //! Verdicts are cached in `<target>/cellcheck/qemu-accel-<kvm|tcg>.json` for [`CACHE_TTL`], so
 //! the nextest process-per-trial model pays for a probe (a hanging KVM guest costs its whole
-//! bound) once per few minutes, not once per trial.
+//! bound) once per few minutes, not once per trial. A verdict holds for the QEMU binary it was
+//! made with: one installed, replaced or removed since is probed anew.
 
 use std::fs;
 use std::path::PathBuf;
@@ -22,7 +23,30 @@ const KVM_BOUND: Duration = Duration::from_secs(15);
 struct Cached {
     at_unix: u64,
     kernel: Option<PathBuf>,
+    /// [`binary_id`] of the QEMU the verdict was made with.
+    #[serde(default)]
+    qemu: String,
     availability: Availability,
+}
+
+/// Where the configured QEMU binary is, if anywhere.
+pub(crate) fn binary_path() -> Option<PathBuf> {
+    let bin = crate::qemu_bin();
+    if bin.components().count() > 1 {
+        bin.exists().then_some(bin)
+    } else {
+        cellcheck_fixtures::host_tool(&bin.to_string_lossy())
+    }
+}
+
+/// Where the configured QEMU binary is and which file it is (size, mtime), or `absent`.
+fn binary_id() -> String {
+    let id = binary_path().and_then(|p| {
+        let m = fs::metadata(&p).ok()?;
+        let t = m.modified().ok()?.duration_since(UNIX_EPOCH).ok()?;
+        Some(format!("{}:{}:{}", p.display(), m.len(), t.as_nanos()))
+    });
+    id.unwrap_or_else(|| "absent".into())
 }
 
 fn cache_path(a: Accel) -> PathBuf {
@@ -40,7 +64,8 @@ fn now_unix() -> u64 {
 /// A fresh cached verdict for `a`, if any.
 pub(crate) fn cached(a: Accel) -> Option<Availability> {
     let c: Cached = serde_json::from_slice(&fs::read(cache_path(a)).ok()?).ok()?;
-    (now_unix().saturating_sub(c.at_unix) < CACHE_TTL.as_secs()).then_some(c.availability)
+    (now_unix().saturating_sub(c.at_unix) < CACHE_TTL.as_secs() && c.qemu == binary_id())
+        .then_some(c.availability)
 }
 
 fn store(a: Accel, kernel: Option<PathBuf>, availability: &Availability) {
@@ -51,6 +76,7 @@ fn store(a: Accel, kernel: Option<PathBuf>, availability: &Availability) {
     let c = Cached {
         at_unix: now_unix(),
         kernel,
+        qemu: binary_id(),
         availability: availability.clone(),
     };
     if let Ok(text) = serde_json::to_vec_pretty(&c) {

@@ -11,6 +11,7 @@ use cellcheck_conformance::results::{self, Outcome, TrialResult};
 use cellcheck_contract::drivers;
 
 use crate::classes::ClassMatrix;
+use crate::install;
 use crate::matrix::{self, Selected};
 use crate::nextest::{file_len, list_trials, Listed, Progress};
 use crate::outside::Target;
@@ -42,6 +43,10 @@ pub struct Options {
     /// Do not build the fixtures first.
     #[arg(long)]
     pub no_build: bool,
+    /// Do not install missing runtimes (as root with apt, they are installed from Debian's
+    /// packages); each missing one's backend is skipped, naming the command that would add it.
+    #[arg(long)]
+    pub no_install: bool,
     /// Add the backend the driver CMD serves over the driver protocol, under NAME (its `hello`
     /// must give NAME); repeatable. Its trials get `CELLCHECK_<NAME>_DRIVER=CMD`.
     #[arg(long = "driver", value_name = "NAME=CMD", value_parser = crate::outside::parse_driver)]
@@ -255,6 +260,12 @@ fn outside_env(class: &str, strict: bool) -> Vec<(String, String)> {
 /// Step 1, list: fixtures, probe, the class's backends against this host, drivers and outside
 /// crates, and nextest's listing of each.
 pub fn plan(opts: &Options) -> Result<Plan> {
+    plan_after(opts, &[])
+}
+
+/// [`plan`] after the runtimes were seen to (`runtimes`: [`install::execute`]'s steps): a backend
+/// that cannot run here for want of a runtime says which, and what would add it.
+pub fn plan_after(opts: &Options, runtimes: &[install::Step]) -> Result<Plan> {
     let (strict, partition, filter) = (opts.strict, opts.partition, opts.filter.as_deref());
     let host = probe::load_or_probe()?;
     let class = host.class.clone();
@@ -353,6 +364,15 @@ pub fn plan(opts: &Options) -> Result<Plan> {
                 usable: true,
                 why: t.describe(),
             });
+        }
+    }
+    for s in shown.iter_mut().filter(|s| !s.usable) {
+        for hint in runtimes
+            .iter()
+            .filter(|r| r.runtime.backends.contains(&s.name.as_str()))
+            .filter_map(install::Step::hint)
+        {
+            s.why = format!("{}; {hint}", s.why);
         }
     }
     let unusable: BTreeMap<String, String> = shown
@@ -467,13 +487,17 @@ pub fn run(opts: &Options) -> Result<bool> {
 pub fn run_in(opts: &Options, dir: &Path) -> Result<bool> {
     let dir = dir.to_path_buf();
     std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    let runtimes = install::runtimes(std::env::consts::ARCH);
+    let host = install::Host::current(&runtimes);
+    let wanted = install::selected(&opts.backends);
+    let steps = install::execute(install::plan(&runtimes, &wanted, &host, opts.no_install));
     if opts.no_build {
         println!("fixtures: not built (--no-build)");
     } else {
         let fx = cellcheck_fixtures::ensure().context("build the fixtures")?;
         println!("fixtures: {}", fx.dir.display());
     }
-    let plan = plan(opts)?;
+    let plan = plan_after(opts, &steps)?;
     let rounds = rounds(&plan, opts.repeat, &dir)?;
     let results = fill(&plan, &rounds);
     let problems = judge(&plan, &results)?;
