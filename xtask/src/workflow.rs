@@ -79,9 +79,11 @@ fn workflow_jobs_match_the_runner_classes() {
                 .any(|l| l.contains(&format!("cargo xtask probe --expect-class {class}"))),
             "{class}: no probe step asserting the class"
         );
+        // The shard comes through the step's env, never expanded into its script.
         assert!(
-            r.iter().any(|l| l
-                .contains("cargo xtask conformance --strict --partition ${{ matrix.partition }}")),
+            steps(job).iter().any(|s| str_of(s, "run")
+                .contains("cargo xtask conformance --strict --partition \"$PARTITION\"")
+                && str_of(&s["env"], "PARTITION") == "${{ matrix.partition }}"),
             "{class}: the suite must run strict and sharded"
         );
         let upload = steps(job)
