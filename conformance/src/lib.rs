@@ -29,7 +29,8 @@
 //!
 //! A backend that runs the fixture rootfs takes the built fixtures instead:
 //! `.backend_with_fixtures("mine", |fx| Arc::new(Mine::new(&fx.rootfs)))`.
-//! `examples/custom_backend.rs` is a complete, compiling example.
+//! The repository's `fixtures/outside-crate/` is a complete crate doing this (built and run by
+//! xtask's tests, as an author outside the repository would).
 //!
 //! # What a run decides, and where
 //!
