@@ -278,6 +278,11 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
             "write_root: succeeded (created /.hostile-".into(),
         ]
     }),
+    (
+        Fault::WrongHostPid,
+        &["lifecycle::host_pid_is_the_workload"],
+        |_| vec!["but the workload runs as host pid".into()],
+    ),
     (Fault::UnconfinedVmm, &["hardening::vmm_confined"], |_| {
         vec![
             "the cell's VMM is not confined".into(),

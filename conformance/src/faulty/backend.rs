@@ -52,7 +52,10 @@ impl Backend for FaultyBackend {
         if self.fault == Fault::AdmissionTooStrict {
             Self::too_strict(doc)?;
         }
-        let h = self.inner.create(&self.wrap(doc)).await?;
+        let mut h = self.inner.create(&self.wrap(doc)).await?;
+        if self.fault == Fault::WrongHostPid {
+            h.host_pid = h.host_pid.and_then(parent_of);
+        }
         let id = &doc.spec.id;
         if let (Fault::TimeoutOnlyWhileWaiting, Some(t)) = (self.fault, doc.spec.run.timeout_ms) {
             self.deadlines
@@ -263,4 +266,10 @@ impl Backend for FaultyBackend {
     async fn list(&self) -> Vec<String> {
         self.inner.list().await
     }
+}
+
+/// The parent of host pid `pid` (field 4 of `/proc/<pid>/stat`, after the parenthesised name).
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(") ")?.1.split(' ').nth(1)?.parse().ok()
 }

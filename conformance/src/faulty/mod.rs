@@ -114,6 +114,9 @@ pub enum Fault {
     /// host (the host backend's init, which names the cell id) keeps its capabilities and runs
     /// without no_new_privs or a seccomp filter.
     UnconfinedVmm,
+    /// Create reports the pid of the process that launched the workload (the cell's init) as
+    /// the workload's host pid, as a backend handing out its launcher's pid would.
+    WrongHostPid,
 }
 
 /// The node [`Fault::ExtraDevice`] adds to the cell's `/dev` (a copy of `null`, harmless).

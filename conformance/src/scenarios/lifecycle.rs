@@ -26,7 +26,77 @@ pub fn scenarios() -> Vec<Scenario> {
         scenario!(F, "teardown_remaining_cells", [], teardown_remaining_cells),
         scenario!(F, "list_live_not_destroyed", [], list_live_not_destroyed),
         scenario!(F, "exec_output", [Exec], exec_output),
+        scenario!(
+            F,
+            "host_pid_is_the_workload",
+            [HostPid],
+            host_pid_is_the_workload
+        ),
     ]
+}
+
+/// The basic contract other scenarios build on: the host pid create reports is the workload's
+/// process (they read its `/proc` entry). Decided exactly, never by a deadline: the reported
+/// process is gone, or is a ready probe without this cell's marker, or the workload (found by its
+/// marker in the process table) is another process. Waiting for the workload to start is bounded
+/// by the harness's progress bound like any step.
+async fn host_pid_is_the_workload(ctx: Ctx) -> Result<(), Failure> {
+    use cellcheck_fixtures::{probe_state, ProbeState};
+    ctx.step("create `hold`");
+    let doc = ctx.doc(&["hold"]);
+    let id = doc.spec.id.clone();
+    let h = ctx.create(&doc).await?;
+    let Some(pid) = h.host_pid else {
+        return Err(ctx.fail("HostPid is supported but create gave no host pid"));
+    };
+    let needle = format!("{}={}\0", crate::ids::MARKER_VAR, ctx.marker_of(&id)).into_bytes();
+    let proc_root = std::path::Path::new("/proc");
+    let has_marker = |p: u32| {
+        std::fs::read(format!("/proc/{p}/environ"))
+            .is_ok_and(|env| memchr::memmem::find(&env, &needle).is_some())
+    };
+    ctx.step("compare the reported host pid with the workload found by its marker");
+    loop {
+        match probe_state(proc_root, pid) {
+            ProbeState::Ready if has_marker(pid) => break,
+            ProbeState::Ready => {
+                return Err(ctx.fail(format!(
+                    "create reported host pid {pid}: a ready probe without this cell's marker in \
+                     its env (another cell's workload, or the env was not passed)"
+                )))
+            }
+            s @ (ProbeState::Gone | ProbeState::Exited) => {
+                return Err(ctx.fail(format!(
+                    "create reported host pid {pid}, which {} while the workload holds",
+                    if s == ProbeState::Gone {
+                        "does not exist"
+                    } else {
+                        "has exited"
+                    }
+                )))
+            }
+            ProbeState::Starting { comm, .. } => {
+                let found = std::fs::read_dir(proc_root)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .find(|&q| {
+                        q != pid && probe_state(proc_root, q) == ProbeState::Ready && has_marker(q)
+                    });
+                if let Some(q) = found {
+                    return Err(ctx.fail(format!(
+                        "create reported host pid {pid} ({comm:?}), but the workload runs as host \
+                         pid {q} (found by this cell's marker)"
+                    )));
+                }
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    ctx.step("destroy");
+    ctx.destroy(&id).await?;
+    ctx.assert_clean(&id).await
 }
 
 async fn create_wait_destroy(ctx: Ctx) -> Result<(), Failure> {
