@@ -204,8 +204,8 @@ impl Inner {
             .ok_or_else(|| failure("exec", "exit status of the exec'd process unavailable"))
     }
 
-    /// runsc: `exec` in the foreground (the process lives in the sandbox, not on the host); its
-    /// exit code folds a signal into `128+N`.
+    /// runsc: `exec` in the foreground (the process lives in the sandbox, not on the host). Its
+    /// exit code folds a signal into `128+N`, so the end is read from the wait status it logs.
     async fn exec_attached(
         &self,
         rt: &Runtime,
@@ -214,7 +214,8 @@ impl Inner {
         files: &ExecFiles,
         [stdin, stdout, stderr]: [File; 3],
     ) -> Result<Termination, CellError> {
-        let argv = rt.argv(&[
+        let mut args: Vec<OsString> = self.kind.exec_log_args(&files.log);
+        args.extend([
             "exec".into(),
             "--process".into(),
             files.process.clone().into(),
@@ -222,6 +223,7 @@ impl Inner {
             files.pid.clone().into(),
             live.rid.clone().into(),
         ]);
+        let argv = rt.argv(&args);
         let mut child = tokio::process::Command::new(&argv[0])
             .args(&argv[1..])
             .stdin(stdin)
@@ -248,13 +250,20 @@ impl Inner {
         }
         .map_err(|e| failure("wait for runsc exec", e))?;
         tracing::debug!(%status, "runsc exec ended");
-        let code = status.code().unwrap_or(128);
-        if code == 128 && read_pid(&files.pid).is_none() {
-            // runsc exec itself failed (128) before the process started.
-            let msg =
-                runtime::runtime_message(&fs::read_to_string(&files.stderr).unwrap_or_default());
+        let log = fs::read_to_string(&files.log).unwrap_or_default();
+        if let Some(t) = runtime::parse_runsc_exit_log(&log) {
+            return Ok(t);
+        }
+        // No wait status logged: runsc exec itself failed (exit 128), before the process started
+        // or while waiting for it.
+        let stderr = fs::read_to_string(&files.stderr).unwrap_or_default();
+        let msg = runtime::runtime_message(&stderr);
+        if read_pid(&files.pid).is_none() {
             return Err(self.exec_error(req, msg));
         }
-        Ok(runtime::termination_from_folded_code(code))
+        Err(failure(
+            "runsc exec",
+            format!("ended ({status}) without logging the exec'd process's wait status: {msg}"),
+        ))
     }
 }

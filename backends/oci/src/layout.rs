@@ -6,8 +6,29 @@ use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use cellcheck_contract::{CellError, Footprint};
+use sha2::{Digest, Sha256};
 
 use crate::{failure, Inner};
+
+/// How many leading characters of the cell id a container id shows.
+const SHOWN_ID_CHARS: usize = 32;
+
+/// `cc-<instance>-<the id's first characters>-<digest of the whole id>`: short whatever the id's
+/// length (runsc names a file `<cid>_sandbox:<cid>.lock`, past NAME_MAX for a 128-byte id with
+/// the whole id in it), distinct for distinct ids (the digest), readable (the shown prefix, which
+/// also keeps the harness's `cc-<token>-` in it), and a safe path component for any `id`: a
+/// footprint is asked for ids that admission refuses too, so only a leading run of
+/// `[A-Za-z0-9._-]` is shown, never a `/`.
+pub(crate) fn container_id(instance: &str, id: &str) -> String {
+    let digest = Sha256::digest(id.as_bytes());
+    let hex: String = digest[..16].iter().map(|b| format!("{b:02x}")).collect();
+    let shown: String = id
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+        .take(SHOWN_ID_CHARS)
+        .collect();
+    format!("cc-{instance}-{shown}-{hex}")
+}
 
 pub(crate) fn mkdir_private(p: &Path) -> std::io::Result<()> {
     fs::DirBuilder::new().recursive(true).mode(0o700).create(p)
@@ -24,9 +45,9 @@ pub(crate) fn new_file(p: &Path) -> std::io::Result<File> {
 }
 
 impl Inner {
-    /// The runtime's container id for cell `id`: unique per backend instance.
+    /// The runtime's container id for cell `id`: unique per backend instance, see [`container_id`].
     pub(crate) fn rid(&self, id: &str) -> String {
-        format!("cc-{}-{id}", self.instance)
+        container_id(&self.instance, id)
     }
 
     pub(crate) fn bundle_dir(&self, rid: &str) -> PathBuf {
@@ -88,6 +109,40 @@ impl Inner {
         // The shared parent goes too when this was the last instance in it.
         if let Some(parent) = self.root.parent() {
             let _ = fs::remove_dir(parent);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::container_id;
+
+    #[test]
+    fn container_ids_are_short_distinct_and_path_safe() {
+        let long = "a".repeat(128);
+        let rid = container_id("0123abcd", &long);
+        // runsc's lock file `<cid>_sandbox:<cid>.lock` must fit NAME_MAX (255).
+        assert!(2 * rid.len() + "_sandbox:.lock".len() <= 255, "{rid}");
+        assert!(
+            rid.starts_with(&format!("cc-0123abcd-{}-", "a".repeat(32))),
+            "{rid}"
+        );
+        // Ids sharing their shown prefix stay apart; the same id is the same container id.
+        let other = format!("{}b", "a".repeat(127));
+        assert_ne!(rid, container_id("0123abcd", &other));
+        assert_eq!(rid, container_id("0123abcd", &long));
+        assert_ne!(rid, container_id("99999999", &long));
+        // The harness's `cc-<token>-` prefix of an id stays visible.
+        assert!(container_id("i", "cc-tok12345-x-01").contains("cc-tok12345-x-01-"));
+        // Whatever the id, the container id is one path component of safe characters, never
+        // `.` or `..` (it starts with `cc-`).
+        for bad in ["../../etc", "a/b", "ü", "", ".hidden"] {
+            let r = container_id("i", bad);
+            assert!(
+                r.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')),
+                "{bad:?} -> {r}"
+            );
         }
     }
 }

@@ -4,8 +4,11 @@
 //! fixture rootfs) under the backend instance's own state root,
 //! `<state parent>/<runtime>-<instance>/{state,bundles,snapshots}`; the runtime gets
 //! `--root <state root>/state`, never its global default. The runtime container id is
-//! `cc-<instance>-<cell id>`, so two backends (or two test processes) using the same cell id never
-//! share a container, cgroup or process marker.
+//! `cc-<instance>-<the id's first 32 characters>-<digest of the id>`, so two backends (or two test
+//! processes) using the same cell id never share a container, cgroup or process marker, and a
+//! 128-byte id still makes names the runtime can store (runsc's lock file
+//! `<cid>_sandbox:<cid>.lock` must fit NAME_MAX). The footprint names the container id as a
+//! process marker, so whatever a cell leaves under it is attributed to the cell.
 //!
 //! # Where things are
 //!
@@ -32,7 +35,8 @@
 //!   exits once its workload has; then the sandbox's own boot log line (`application exiting with
 //!   …`, written with `--debug-log --debug-command=boot`) says exactly how the workload ended.
 //!   `runsc wait` is not used: it prints a folded `128+N` code, not a wait status.
-//!   `runsc exec` reports a folded `128+N` code, decoded by [`runtime::termination_from_folded_code`].
+//!   `runsc exec` exits with a folded `128+N` code too, but logs the exec'd process's raw wait
+//!   status (`Exiting with status: N`, with `--debug-log --debug-command=exec`), which is read.
 //! - OOM: when the workload died of SIGKILL and the cell cgroup's `oom_kill` counter (v1
 //!   `memory.oom_control`, v2 `memory.events`) is non-zero, the termination is `OutOfMemory`.
 //!

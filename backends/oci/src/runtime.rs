@@ -163,11 +163,16 @@ impl RuntimeKind {
         })
     }
 
-    /// Flags for `exec` so its errors land in `log` (runc only; the others print to stderr).
+    /// Flags for `exec` so its errors (runc) or the exec'd process's wait status (runsc:
+    /// [`parse_runsc_exit_log`]) land in `log`; crun prints its errors to stderr.
     pub fn exec_log_args(self, log: &Path) -> Vec<OsString> {
         match self {
             RuntimeKind::Runc => vec!["--log".into(), log.into()],
-            RuntimeKind::Crun | RuntimeKind::Runsc => Vec::new(),
+            RuntimeKind::Runsc => vec![
+                format!("--debug-log={}", log.display()).into(),
+                "--debug-command=exec".into(),
+            ],
+            RuntimeKind::Crun => Vec::new(),
         }
     }
 
@@ -221,7 +226,7 @@ impl RuntimeKind {
 pub enum ExecStyle {
     /// `exec --detach` under a shim, which reports the process's raw wait status.
     DetachedUnderShim,
-    /// `exec` in the foreground; its exit code folds a signal into `128+N`.
+    /// `exec` in the foreground; its exit code folds a signal into `128+N`, its log does not.
     Attached,
 }
 
@@ -443,14 +448,28 @@ pub fn termination(status: i32) -> Termination {
     }
 }
 
-/// An exit code from a runtime that folds a signal into `128 + N` (runsc exec, runsc's sandbox
-/// process). Exit codes 129..=192 of a program are indistinguishable from a signal there.
+/// An exit code from a runtime that folds a signal into `128 + N` (runsc's sandbox process, when
+/// its boot log has no verdict). Exit codes 129..=192 of a program are indistinguishable from a signal there.
 pub fn termination_from_folded_code(code: i32) -> Termination {
     if (129..=128 + 64).contains(&code) {
         Termination::Signaled { signal: code - 128 }
     } else {
         Termination::Exited { code }
     }
+}
+
+/// The raw wait status a runsc command logs as it ends (`Exiting with status: N`, the last such
+/// line): for `runsc exec`, the exec'd process's, whose signal its exit code folds into `128+N`.
+pub fn parse_runsc_exit_log(log: &str) -> Option<Termination> {
+    let status = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split("Exiting with status: ").nth(1))?;
+    status
+        .trim()
+        .parse::<u32>()
+        .ok()
+        .map(|st| termination(st as i32))
 }
 
 /// The sandbox's boot log line `application exiting with exit status N` / `killed by signal N`.
@@ -522,6 +541,27 @@ mod tests {
             Some(Termination::Exited { code: 3 })
         );
         assert_eq!(parse_runsc_boot_log("nothing"), None);
+    }
+
+    #[test]
+    fn runsc_exec_log_gives_the_exact_wait_status() {
+        // Lines as `runsc exec` logged them: a real exit 143, exit 7, death by SIGTERM.
+        let line = |st: u32| {
+            format!("I1206 16:11:16.987293   16337 main.go:266] Exiting with status: {st}\n")
+        };
+        assert_eq!(
+            parse_runsc_exit_log(&format!("I1206 x.go:1] Execute\n{}", line(36608))),
+            Some(Termination::Exited { code: 143 })
+        );
+        assert_eq!(
+            parse_runsc_exit_log(&line(1792)),
+            Some(Termination::Exited { code: 7 })
+        );
+        assert_eq!(
+            parse_runsc_exit_log(&line(15)),
+            Some(Termination::Signaled { signal: 15 })
+        );
+        assert_eq!(parse_runsc_exit_log("I1206 x.go:1] Execute\n"), None);
     }
 
     #[test]
