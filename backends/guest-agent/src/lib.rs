@@ -54,7 +54,8 @@ pub enum Op {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         pids_max: Option<u64>,
     },
-    /// Start another command in the cell (same cgroup), as a new job.
+    /// Start another command in the cell (same cgroup), as a new job; `invalid_state` once the
+    /// workload has ended.
     Exec {
         argv: Vec<String>,
         env: Vec<EnvPair>,

@@ -328,10 +328,11 @@ impl Agent {
                 memory_max_bytes,
                 pids_max,
             ),
-            Op::Exec { argv, env, cwd } => {
-                if !self.jobs.contains_key(&WORKLOAD_JOB) {
-                    err(ErrorKind::InvalidState, "exec before run")
-                } else {
+            Op::Exec { argv, env, cwd } => match self.jobs.get(&WORKLOAD_JOB) {
+                None => err(ErrorKind::InvalidState, "exec before run"),
+                // The cell lives as long as its workload: nothing runs in it afterwards.
+                Some(j) if j.end.is_some() => err(ErrorKind::InvalidState, "exited"),
+                Some(_) => {
                     let id = self.next_job;
                     match self.start(id, &argv, &env, &cwd) {
                         Ok(pid) => {
@@ -341,7 +342,7 @@ impl Agent {
                         Err(b) => b,
                     }
                 }
-            }
+            },
             Op::Wait { job, timeout_ms } => {
                 if !self.jobs.contains_key(&job) {
                     err(ErrorKind::NoSuchJob, format!("no job {job}"))
@@ -423,16 +424,11 @@ impl Agent {
             }),
             _ => None,
         };
-        let sp = match spawn(argv, env, cwd, cg, join) {
-            // The workload's namespace died with its pid 1: the exec gets fresh ones instead.
-            Err(SpawnError::NamespaceGone) => spawn(argv, env, cwd, cg, None),
-            other => other,
-        }
-        .map_err(|e| match e {
+        let sp = spawn(argv, env, cwd, cg, join).map_err(|e| match e {
             SpawnError::Reply(b) => b,
-            SpawnError::NamespaceGone => {
-                err(ErrorKind::Io, "fork into a fresh pid namespace failed")
-            }
+            // The workload's namespace died with its pid 1: the workload has ended, though it
+            // is not reaped yet. An exec runs nowhere else.
+            SpawnError::NamespaceGone => err(ErrorKind::InvalidState, "exited"),
         })?;
         let pid = sp.pid;
         if id == WORKLOAD_JOB {

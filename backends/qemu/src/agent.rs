@@ -183,6 +183,16 @@ impl Inner {
             .await?;
         let job = match r {
             ReplyBody::Started { job, .. } => job,
+            // The workload has ended (the agent refuses an exec after it).
+            ReplyBody::Error {
+                kind: ErrorKind::InvalidState,
+                message,
+            } => {
+                return Err(CellError::InvalidState {
+                    operation: "exec".into(),
+                    state: message,
+                })
+            }
             other => return Err(agent_error(other, &req.argv[0])),
         };
         let deadline = req
