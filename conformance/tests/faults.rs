@@ -129,6 +129,11 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
         ],
         |_| vec!["InvalidSpec".into(), "not ASCII".into()],
     ),
+    (
+        Fault::AdmissionTooStrict,
+        &["spec::admits_id_128_chars", "isolation::hostname_long_id"],
+        |_| vec!["InvalidSpec".into(), "longer than 64".into()],
+    ),
     (Fault::AdmissionTooLax, &["spec::refused_table"], |_| {
         vec![
             "env_duplicate: created cell".into(),
@@ -139,6 +144,11 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
         Fault::FoldExitAsSignal,
         &["exit::codes_126_to_192", "exit::signals_beside_codes"],
         |_| vec!["exit 129".into(), "Signaled { signal: 1 }".into()],
+    ),
+    (
+        Fault::FoldExitAsSignal,
+        &["exec::codes_and_signals"],
+        |_| vec!["exit 129: got Signaled { signal: 1 }".into()],
     ),
     (
         Fault::FoldSignalAsExit,

@@ -229,7 +229,11 @@ impl Backend for FaultyBackend {
             (Fault::ExecAfterEndUntyped, Err(CellError::InvalidState { state, .. })) => {
                 Err(CellError::failure(format!("exec failed: {state}")))
             }
-            (_, r) => r,
+            // A wrapper that folds or mangles a workload's end does the same to an exec's.
+            (_, r) => r.map(|mut rep| {
+                self.fold(&mut rep);
+                rep
+            }),
         }
     }
 

@@ -60,7 +60,8 @@ pub enum Fault {
     /// Admission too lax: a timeout over the TTL, a zero TTL or a duplicate env name is "repaired"
     /// and the cell created.
     AdmissionTooLax,
-    /// A wrapper shell folds exit codes: a real exit 129..=192 is reported as death by signal N-128.
+    /// A wrapper shell folds exit codes: a real exit 129..=192 is reported as death by signal N-128
+    /// (the workload's and an exec's, as a runtime's `exec` exit status does).
     FoldExitAsSignal,
     /// The reverse: death by signal N is reported as exit 128+N.
     FoldSignalAsExit,
