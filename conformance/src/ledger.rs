@@ -13,8 +13,13 @@
 //!
 //! Each thing removed is reported by name: on stderr and as an audit line (see [`crate::audit::record`]).
 //!
-//! The ledger lives in `CELLCHECK_LEDGER_DIR`, else beside the fixtures (`<target>/cellcheck-ledger`):
-//! one per build tree, so a run reconciles only what runs of the same tree left.
+//! The ledger is host-wide: `/run/cellcheck/ledger` ([`DEFAULT_DIR`]), or the directory
+//! `CELLCHECK_LEDGER_DIR` names (for a run without root, or a test's private ledger). Host-wide,
+//! because the cells a killed run left are the host's problem whatever checkout ran it: a later
+//! run of any checkout recovers them, also when the checkout that left them is gone. Runs of
+//! several checkouts share it safely: an entry is reconciled only once its harness (pid and start
+//! time) is dead, so a live run's cells are never touched by another's reconcile, and reconciles
+//! of concurrent runs take turns (an exclusive lock on the directory's `.lock`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -40,15 +45,63 @@ pub struct Entry {
     pub host_pid: Option<(u32, u64)>,
 }
 
+/// The host-wide ledger, unless [`DIR_VAR`] names another.
+pub const DEFAULT_DIR: &str = "/run/cellcheck/ledger";
+/// The variable naming another ledger directory.
+pub const DIR_VAR: &str = "CELLCHECK_LEDGER_DIR";
+
+/// The ledger directory: `CELLCHECK_LEDGER_DIR`, else [`DEFAULT_DIR`].
 pub fn dir() -> PathBuf {
-    std::env::var_os("CELLCHECK_LEDGER_DIR")
+    std::env::var_os(DIR_VAR)
+        .filter(|v| !v.is_empty())
         .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let fx = cellcheck_fixtures::fixtures_dir();
-            fx.parent()
-                .map(|p| p.join("cellcheck-ledger"))
-                .unwrap_or_else(|| fx.join("ledger"))
-        })
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
+/// Make sure the ledger directory exists and takes entries: a run whose cells cannot be recorded
+/// could not be recovered, so this is an error naming the directory and the variable, never a
+/// silent skip. The directory is private (0700): entries name cells' markers and state paths.
+pub fn ensure_dir(dir: &Path) -> Result<(), String> {
+    use std::os::unix::fs::DirBuilderExt;
+    let bad = |e: std::io::Error| {
+        format!(
+            "the cell ledger {} cannot be used ({e}); run as root or point {DIR_VAR} at a \
+             writable directory",
+            dir.display()
+        )
+    };
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(bad)?;
+    let probe = dir.join(format!(".probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(bad)?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// An exclusive `flock` on `dir/.lock`, held while the guard lives: two runs starting at once
+/// reconcile one after the other, so one never removes what the other is removing.
+struct DirLock {
+    _file: Option<std::fs::File>,
+}
+
+impl DirLock {
+    fn take(dir: &Path) -> DirLock {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.join(".lock"))
+            .ok();
+        if let Some(f) = &f {
+            // SAFETY: flock on an fd we own; it blocks until the other run's reconcile is done.
+            unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
+        }
+        DirLock { _file: f }
+    }
 }
 
 fn run_id() -> String {
@@ -153,6 +206,7 @@ pub fn reconcile(
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
     };
+    let _lock = DirLock::take(dir);
     let mut files: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())
@@ -515,5 +569,61 @@ mod tests {
         child.wait().unwrap();
         assert!(ledger.join("live.json").exists());
         assert!(!ledger.join("dead.json").exists());
+    }
+
+    /// Another checkout's run shares the host-wide ledger: while its harness lives (same pid,
+    /// same start time), its cell is never touched, even with a process and a path of its own.
+    #[test]
+    fn a_live_cell_of_another_harness_is_never_recovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let tok = crate::ids::random_token(10);
+        let cell = format!("cc-{tok}-ledger-03");
+        let state = dir.path().join(format!("state-{cell}"));
+        std::fs::create_dir(&state).unwrap();
+        let marker = format!("ccm-{tok}");
+        // The other run's harness, and a process of its cell.
+        let mut harness = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let mut workload = std::process::Command::new("sleep")
+            .arg("30")
+            .env(crate::ids::MARKER_VAR, &marker)
+            .spawn()
+            .unwrap();
+        let mut e = Entry::new(
+            &cell,
+            "b",
+            &marker,
+            Footprint {
+                paths: vec![state.clone()],
+                ..Footprint::default()
+            },
+        );
+        e.harness_pid = harness.id();
+        e.harness_start = audit::start_time(harness.id()).unwrap();
+        let ledger = dir.path().join("ledger");
+        ensure_dir(&ledger).unwrap();
+        write(&ledger, "other.json", &e).unwrap();
+        let got = reconcile(&ledger, &|_| None);
+        let alive = audit::start_time(workload.id()).is_some();
+        assert!(got.is_empty() && alive && state.exists(), "{got:?}");
+        // Once that harness is dead, the next reconcile recovers the cell.
+        harness.kill().unwrap();
+        harness.wait().unwrap();
+        let got = reconcile(&ledger, &|_| None);
+        assert_eq!(got.len(), 1, "{got:?}");
+        assert!(!state.exists(), "{}", describe(&got[0]));
+        workload.wait().unwrap();
+        assert!(!ledger.join("other.json").exists());
+    }
+
+    #[test]
+    fn an_unusable_ledger_dir_is_an_error_naming_the_variable() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"").unwrap();
+        let e = ensure_dir(&file.join("ledger")).unwrap_err();
+        assert!(e.contains(DIR_VAR) && e.contains("file/ledger"), "{e}");
     }
 }

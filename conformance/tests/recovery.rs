@@ -132,6 +132,18 @@ fn remains(h: &Held) -> Vec<String> {
     out
 }
 
+/// The entries of a ledger (its `.json` files; the directory also holds the reconcile lock).
+fn ledger_entries(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|r| {
+            r.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "json"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 fn sigkill_then_rerun() -> Result<(), Failed> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let ledger_dir = dir.path().join("ledger");
@@ -176,9 +188,7 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
                 return Err(format!("no paused {b} cell among {held:?}"));
             }
         }
-        let entries = std::fs::read_dir(&ledger_dir)
-            .map(|r| r.count())
-            .unwrap_or(0);
+        let entries = ledger_entries(&ledger_dir).len();
         if entries != held.len() {
             return Err(format!(
                 "{entries} ledger entries for {} live cells",
@@ -247,9 +257,7 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
                 problems.push(format!("the paused cell {} was not reported thawed", h.id));
             }
         }
-        let entries: Vec<_> = std::fs::read_dir(&ledger_dir)
-            .map(|r| r.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default();
+        let entries = ledger_entries(&ledger_dir);
         if !entries.is_empty() {
             problems.push(format!("ledger entries left: {entries:?}"));
         }

@@ -13,8 +13,8 @@ use cellcheck_contract::Backend;
 /// `cargo xtask clean`'s flags.
 #[derive(Debug, Clone, PartialEq, Eq, Default, clap::Args)]
 pub struct Options {
-    /// The ledger to reconcile (default: the suite's, `CELLCHECK_LEDGER_DIR` or beside the
-    /// fixtures).
+    /// The ledger to reconcile (default: the suite's, `CELLCHECK_LEDGER_DIR` or the host-wide
+    /// `/run/cellcheck/ledger`).
     #[arg(long, value_name = "DIR")]
     pub ledger: Option<PathBuf>,
 }

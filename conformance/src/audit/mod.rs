@@ -166,8 +166,9 @@ impl Snapshot {
             .map(|p| ((p.pid, p.start), p))
             .collect();
         let mut files = BTreeMap::new();
-        // The fixtures and the build output may sit under /tmp; they are not a cell's.
-        let skip: BTreeSet<PathBuf> = [cellcheck_fixtures::fixtures_dir()]
+        // The fixtures and the build output may sit under /tmp, and the ledger under /run; they
+        // are not a cell's.
+        let skip: BTreeSet<PathBuf> = [cellcheck_fixtures::fixtures_dir(), crate::ledger::dir()]
             .into_iter()
             .filter_map(|p| p.canonicalize().ok())
             .collect();

@@ -185,6 +185,10 @@ impl Suite {
             eprintln!("cellcheck: {e}");
             return ExitCode::FAILURE;
         }
+        if let Err(e) = crate::ledger::ensure_dir(&crate::ledger::dir()) {
+            eprintln!("cellcheck: {e}");
+            return ExitCode::FAILURE;
+        }
         let trials = self.trials(&args);
         libtest_mimic::run(&args, trials).exit_code()
     }
