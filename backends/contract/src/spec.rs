@@ -65,7 +65,8 @@ pub struct Limits {
     pub memory_max_bytes: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_max: Option<CpuMax>,
-    /// Most processes (tasks) the cell may hold at once.
+    /// Most processes (tasks) the cell's workload may hold at once: the workload and what it
+    /// starts, never the backend's own helpers (1 means the workload alone, unable to fork).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u64>,
     /// `RLIMIT_NOFILE` of the workload; [`DEFAULT_OPEN_FILES`] when absent.
@@ -87,6 +88,17 @@ pub const DEFAULT_OPEN_FILES: OpenFiles = OpenFiles {
     soft: 1024,
     hard: 4096,
 };
+
+/// The smallest `memoryMaxBytes` admitted: 32 MiB. A limit is charged with more than the workload
+/// on every kind of backend that runs one: a runtime's own init before it execs the workload (runc's
+/// needs about 2 MiB and is refused a limit below its usage), gVisor's whole sandbox (killed while
+/// setting up under 8 MiB). Below this no backend could even start the cell, so such a limit is
+/// refused at admission rather than failing create on some backends and not others.
+pub const MIN_MEMORY_BYTES: u64 = 32 << 20;
+
+/// The smallest `cpuMax.quota` admitted, in microseconds: the kernel refuses a CFS quota under
+/// 1 ms (EINVAL). Rounding a smaller quota up would give the workload more CPU than declared.
+pub const MIN_CPU_QUOTA_US: u64 = 1000;
 
 /// The largest `openFiles.hard` admitted: the kernel's default `fs.nr_open`.
 pub const MAX_OPEN_FILES: u64 = 1 << 20;
@@ -336,10 +348,10 @@ impl CellDocument {
             }
         }
         if let Some(l) = &run.limits {
-            if l.memory_max_bytes == Some(0) {
+            if l.memory_max_bytes.is_some_and(|m| m < MIN_MEMORY_BYTES) {
                 return Err(CellError::invalid(
                     "spec.run.limits.memoryMaxBytes",
-                    "must be greater than zero",
+                    format!("must be at least {MIN_MEMORY_BYTES} (32 MiB)"),
                 ));
             }
             if l.pids_max == Some(0) {
@@ -374,6 +386,12 @@ impl CellDocument {
                     return Err(CellError::invalid(
                         "spec.run.limits.cpuMax.period",
                         "must be between 1000 and 1000000 microseconds",
+                    ));
+                }
+                if c.quota < MIN_CPU_QUOTA_US {
+                    return Err(CellError::invalid(
+                        "spec.run.limits.cpuMax.quota",
+                        format!("must be at least {MIN_CPU_QUOTA_US} microseconds"),
                     ));
                 }
             }
@@ -497,6 +515,28 @@ mod tests {
             ..Limits::default()
         });
         assert_eq!(field_of(&d), "spec.run.limits.memoryMaxBytes");
+        let limited = |l: Limits| base.clone().with_limits(l);
+        let memory = |m| Limits {
+            memory_max_bytes: Some(m),
+            ..Limits::default()
+        };
+        let quota = |quota| Limits {
+            cpu_max: Some(CpuMax {
+                quota,
+                period: 100_000,
+            }),
+            ..Limits::default()
+        };
+        assert_eq!(
+            field_of(&limited(memory(MIN_MEMORY_BYTES - 1))),
+            "spec.run.limits.memoryMaxBytes"
+        );
+        assert!(limited(memory(MIN_MEMORY_BYTES)).admit().is_ok());
+        assert_eq!(
+            field_of(&limited(quota(MIN_CPU_QUOTA_US - 1))),
+            "spec.run.limits.cpuMax.quota"
+        );
+        assert!(limited(quota(MIN_CPU_QUOTA_US)).admit().is_ok());
         let open = |soft, hard| {
             base.clone().with_limits(Limits {
                 open_files: Some(OpenFiles { soft, hard }),
