@@ -301,6 +301,12 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
             "Seccomp is Some(\"0\"), want 2".into(),
         ]
     }),
+    (Fault::DropLimits, &["limits::memory_oom"], |_| {
+        vec!["expected OutOfMemory, got Exited".into()]
+    }),
+    (Fault::DropLimits, &["limits::pids_max"], |_| {
+        vec!["all 64 forks succeeded under pidsMax = 16".into()]
+    }),
     (
         Fault::DropOpenFiles,
         &["hardening::rlimits_declared"],

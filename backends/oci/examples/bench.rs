@@ -81,6 +81,7 @@ async fn main() -> anyhow::Result<()> {
         let opts = bundle::BundleOptions {
             rootfs: fx.rootfs.clone(),
             cgroups_path: format!("/{id}"),
+            pids_limit: true,
         };
         bundle::write_config(&dir.join("config.json"), &bundle::config(&cell, &opts))?;
         let t = Instant::now();
@@ -138,6 +139,7 @@ async fn main() -> anyhow::Result<()> {
             let opts = bundle::BundleOptions {
                 rootfs: fx.rootfs.clone(),
                 cgroups_path: format!("/{id}"),
+                pids_limit: true,
             };
             bundle::write_config(&dir.join("config.json"), &bundle::config(&cell, &opts))?;
             // Detached runsc keeps inherited stdio open: hand it /dev/null, never pipes.

@@ -21,6 +21,11 @@ pub struct BundleOptions {
     pub rootfs: PathBuf,
     /// The cell's cgroup, relative to each hierarchy's root (e.g. `/cellcheck-ab12-cell`).
     pub cgroups_path: String,
+    /// Whether `pidsMax` goes into `linux.resources.pids`. Not for runsc: it applies that limit to
+    /// the sandbox's host cgroup, whose tasks are the sentry's and gofer's threads, not the
+    /// workload's (a small count kills the sandbox while it starts; the backend declares
+    /// `PidsLimit` unsupported for that reason).
+    pub pids_limit: bool,
 }
 
 /// Paths runtimes usually mask inside a container (kernel interfaces that leak host facts).
@@ -109,14 +114,17 @@ pub fn process(args: &[String], env: &[EnvVar], cwd: &str, nofile: OpenFiles) ->
     })
 }
 
-/// `linux.resources` from the declared limits; `None` fields are left out (no limit).
-pub fn resources(limits: &Limits) -> Value {
+/// `linux.resources` from the declared limits; `None` fields are left out (no limit), and so is
+/// a value past the OCI fields' int64 (no machine has that much memory or that many pids: the same
+/// as no limit).
+pub fn resources(limits: &Limits, pids_limit: bool) -> Value {
     let mut r = serde_json::Map::new();
-    if let Some(bytes) = limits.memory_max_bytes {
+    let int64 = |v: u64| i64::try_from(v).ok();
+    if let Some(bytes) = limits.memory_max_bytes.and_then(int64) {
         // No swap limit: hosts without swap accounting would refuse the bundle.
         r.insert("memory".into(), json!({ "limit": bytes }));
     }
-    if let Some(pids) = limits.pids_max {
+    if let Some(pids) = limits.pids_max.and_then(int64).filter(|_| pids_limit) {
         r.insert("pids".into(), json!({ "limit": pids }));
     }
     if let Some(cpu) = limits.cpu_max {
@@ -167,7 +175,7 @@ pub fn config(cell: &AdmittedCell, opts: &BundleOptions) -> Value {
                 { "type": "mount" }, { "type": "network" }, { "type": "cgroup" },
             ],
             "cgroupsPath": opts.cgroups_path,
-            "resources": resources(&cell.limits()),
+            "resources": resources(&cell.limits(), opts.pids_limit),
             "maskedPaths": MASKED_PATHS,
             "readonlyPaths": READONLY_PATHS,
             "seccomp": seccomp(),
@@ -197,6 +205,7 @@ mod tests {
         BundleOptions {
             rootfs: PathBuf::from("/fx/rootfs"),
             cgroups_path: "/cellcheck-t-c1".into(),
+            pids_limit: true,
         }
     }
 
@@ -351,6 +360,23 @@ mod tests {
         assert_eq!(r["memory"]["limit"], json!(64u64 << 20));
         assert_eq!(r["pids"]["limit"], json!(32));
         assert_eq!(r["cpu"], json!({"quota": 50_000, "period": 100_000}));
+        let sandbox = BundleOptions {
+            pids_limit: false,
+            ..opts()
+        };
+        assert_eq!(
+            config(&cell, &sandbox)["linux"]["resources"]["pids"],
+            json!(null)
+        );
+        let huge = CellDocument::new("c1", ["/bin/x"])
+            .with_limits(Limits {
+                memory_max_bytes: Some(u64::MAX),
+                pids_max: Some(u64::MAX),
+                ..Limits::default()
+            })
+            .admit()
+            .unwrap();
+        assert_eq!(config(&huge, &opts())["linux"]["resources"], json!({}));
         let none = CellDocument::new("c1", ["/bin/x"]).admit().unwrap();
         assert_eq!(config(&none, &opts())["linux"]["resources"], json!({}));
     }

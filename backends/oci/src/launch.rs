@@ -133,6 +133,7 @@ impl Inner {
         let opts = bundle::BundleOptions {
             rootfs: self.rootfs.clone(),
             cgroups_path: format!("/{rid}"),
+            pids_limit: self.kind != crate::runtime::RuntimeKind::Runsc,
         };
         bundle::write_config(&dir.join("config.json"), &bundle::config(cell, &opts))
             .map_err(io("write config.json"))?;

@@ -97,7 +97,7 @@ impl RuntimeKind {
                 )
                 .without(
                     Capability::PidsLimit,
-                    "runsc applies pids limits to the sandbox's host cgroup; the workload's tasks are not host processes",
+                    "the workload's tasks live in gVisor's sentry, not on the host; runsc would apply pidsMax to the sandbox's host cgroup (the sentry's and gofer's threads), so the backend does not pass it",
                 ),
         }
     }

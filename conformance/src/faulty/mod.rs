@@ -107,6 +107,9 @@ pub enum Fault {
     /// The declared `limits.openFiles` is dropped before the inner backend sees the document, so
     /// the default is applied instead.
     DropOpenFiles,
+    /// The declared `memoryMaxBytes` and `pidsMax` are dropped before the inner backend sees the
+    /// document, while the backend still claims to enforce both.
+    DropLimits,
     /// The workload's root filesystem is writable while the backend claims a read-only root: it
     /// runs in a writable overlay of the cell's root (upper layer in the cell's own `/tmp`, so
     /// nothing reaches the shared rootfs). Needs an unhardened inner backend.

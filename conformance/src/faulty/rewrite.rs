@@ -78,6 +78,12 @@ impl FaultyBackend {
                     l.open_files = None;
                 }
             }
+            Fault::DropLimits => {
+                if let Some(l) = d.spec.run.limits.as_mut() {
+                    l.memory_max_bytes = None;
+                    l.pids_max = None;
+                }
+            }
             _ => {}
         }
         d

@@ -207,6 +207,23 @@ impl Plan {
     }
 }
 
+/// The backend's own tasks in a cell's cgroup: the init outside the cell (the supervisor of pid 1)
+/// and pid 1 itself. `pidsMax` counts the workload's tasks alone, so these come on top.
+pub const HELPER_TASKS: u64 = 2;
+
+/// The kernel's `PID_MAX_LIMIT`: the most pids a system can have, and the largest value `pids.max`
+/// accepts (EINVAL above it).
+pub const PID_MAX_LIMIT: u64 = 4 << 20;
+
+/// `pids.max` for a cell whose workload may hold `pids` tasks: the declared count plus the helpers,
+/// or `max` where that passes what the kernel can ever hand out (the same thing as no limit).
+pub fn pids_max_value(pids: u64) -> String {
+    match pids.checked_add(HELPER_TASKS) {
+        Some(n) if n <= PID_MAX_LIMIT => n.to_string(),
+        _ => "max".into(),
+    }
+}
+
 /// The files and values that enforce a cell's limits in one directory (pure).
 pub fn limit_writes(
     d: &CellDir,
@@ -234,9 +251,7 @@ pub fn limit_writes(
                     w.push(("memory.swap.max", "0".into()));
                 }
             }
-            // One more than declared: the init outside the cell (the backend's supervisor of
-            // pid 1) sits in the cgroup too, and is not the cell's to count.
-            (_, "pids") => w.push(("pids.max", pids.saturating_add(1).to_string())),
+            (_, "pids") => w.push(("pids.max", pids_max_value(pids))),
             (Version::V1, "cpu") => {
                 if let Some(c) = cpu {
                     // Period first: the kernel checks the quota against the current period.
@@ -347,7 +362,7 @@ mod tests {
             vec![
                 ("memory.limit_in_bytes", "67108864".to_string()),
                 ("memory.memsw.limit_in_bytes", "67108864".to_string()),
-                ("pids.max", "1025".to_string()),
+                ("pids.max", "1026".to_string()),
                 ("cpu.cfs_period_us", "100000".to_string()),
                 ("cpu.cfs_quota_us", "50000".to_string()),
             ]
@@ -359,9 +374,18 @@ mod tests {
             vec![
                 ("memory.max", "1000".to_string()),
                 ("memory.swap.max", "0".to_string()),
-                ("pids.max", "8".to_string()),
+                ("pids.max", "9".to_string()),
                 ("cpu.max", "50000 100000".to_string()),
             ]
         );
+    }
+
+    #[test]
+    fn pids_past_the_kernels_limit_are_max() {
+        assert_eq!(pids_max_value(1), "3");
+        assert_eq!(pids_max_value(PID_MAX_LIMIT - HELPER_TASKS), "4194304");
+        assert_eq!(pids_max_value(PID_MAX_LIMIT - 1), "max");
+        assert_eq!(pids_max_value(PID_MAX_LIMIT), "max");
+        assert_eq!(pids_max_value(u64::MAX), "max");
     }
 }
