@@ -205,13 +205,6 @@ pub(super) fn spawn(
                 }
             }
             libc::setsid();
-            if let Some(p) = &c_procs {
-                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
-                    fail(1);
-                }
-                libc::close(fd);
-            }
             if join.is_none() {
                 // We are pid 1 of the new namespace. The workload must not be: the kernel drops
                 // signals a namespace's init has no handler for, so it could not die of one. It
@@ -237,6 +230,16 @@ pub(super) fn spawn(
                         }
                     }
                 }
+            }
+            // Only now, in the workload (or exec'd command) itself: the namespace's init that
+            // relays the workload's end is the agent's helper, and must count against neither
+            // the cell's pidsMax (1 is the workload alone) nor its memory.
+            if let Some(p) = &c_procs {
+                let fd = libc::open(p.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                    fail(1);
+                }
+                libc::close(fd);
             }
             if libc::dup2(devnull.as_raw_fd(), 0) < 0
                 || libc::dup2(out_w.as_raw_fd(), 1) < 0
