@@ -75,6 +75,10 @@ impl VmSpec {
         a.push(confine::SANDBOX.into());
         a.push("-m".into());
         a.push(self.memory_mib.to_string());
+        // The guest's own clocks stop while the VM is paused; its RTC follows the host's realtime
+        // (QEMU's default, stated because the suite reads it to see a pause from inside).
+        a.push("-rtc".into());
+        a.push("base=utc,clock=host".into());
         a.push("-kernel".into());
         a.push(self.kernel.display().to_string());
         a.push("-initrd".into());

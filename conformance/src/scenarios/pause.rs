@@ -1,7 +1,7 @@
 //! Freeze and thaw. Exec into a paused cell should be refused with `InvalidState` (the contract's
 //! preference); a backend that serves it anyway must still not let the workload run.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use cellcheck_contract::CellError;
 
@@ -123,58 +123,208 @@ async fn unknown_cell(ctx: Ctx) -> Result<(), Failure> {
     Ok(())
 }
 
-/// Pause seen from outside, with no exec: two cells sleep 20 × 100 ms side by side and one is
-/// paused for 2 s; a frozen loop makes no progress (on a VM the guest clock stops too), so the
-/// paused one ends about 2 s after its twin.
+/// Pause seen with no exec, judged by clocks rather than by progress (which depends on the CPU
+/// share a loaded host gives the cell). The probe ticks every 50 ms, printing its realtime and its
+/// RTC; it is paused for [`PAUSE`]. A frozen workload reads no clock from the moment `pause`
+/// returns until `resume` is called, so no tick may fall in that window by a clock that runs on
+/// while the cell is frozen: the host's realtime in a container (the workload reads the host's own
+/// CLOCK_REALTIME), QEMU's RTC in a VM (`-rtc clock=host`; the guest's own clocks stop with it).
+/// This holds at any load: it is an ordering of events, not a rate. A workload that is not frozen
+/// ticks inside the window unless it is denied the CPU for most of [`PAUSE`].
 async fn stops_without_exec(ctx: Ctx) -> Result<(), Failure> {
-    const PAUSE: Duration = Duration::from_secs(2);
-    // One interval of the pause may overlap a sleep already due, plus noise between the twins.
-    const SLACK: Duration = Duration::from_millis(700);
-    let sleeper = |ctx: &Ctx| {
-        ctx.shell_doc(
-            &ctx.new_id(),
-            "i=0; while [ $i -lt 20 ]; do sleep 0.1; i=$((i+1)); done; printf ticks=$i",
-        )
-    };
-    let (paused_doc, twin_doc) = (sleeper(&ctx), sleeper(&ctx));
-    ctx.step("create two cells sleeping 20 × 100 ms");
-    let (p, t) = tokio::join!(
-        ctx.create_running(&paused_doc),
-        ctx.create_running(&twin_doc)
-    );
-    let (p, t) = (p?, t?);
-    let run = |id: String, pause_it: bool| {
-        let ctx = ctx.clone();
-        async move {
-            let start = Instant::now();
-            if pause_it {
-                tokio::time::sleep(Duration::from_millis(300)).await;
-                pause(&ctx, &id).await?;
-                tokio::time::sleep(PAUSE).await;
-                resume(&ctx, &id).await?;
-            }
-            let r = ctx.wait(&id).await?;
-            Ok::<_, Failure>((start.elapsed(), r))
-        }
-    };
-    let (pr, tr) = tokio::join!(run(p.id.clone(), true), run(t.id.clone(), false));
-    let ((p_took, p_rep), (t_took, t_rep)) = (pr?, tr?);
+    const PAUSE: Duration = Duration::from_secs(4);
+    // The probe ends 1.5 s after a 2.5 s gap: a gap is the pause, not the scheduler's delay (no
+    // runnable task waits 2.5 s on a loaded host), and 1.5 s of ticks reach past resume by
+    // the RTC's whole seconds. 30 s ends a run whose pause never stopped it.
+    let doc = ctx.doc(&["clock", "2500", "1500", "30000"]);
+    let id = doc.spec.id.clone();
+    ctx.step("create a cell ticking its clocks every 50 ms");
+    ctx.create_running(&doc).await?;
+    // The first tick must be provably before the pause by the RTC's whole seconds (without a host
+    // pid, create_running cannot see the first tick; it waits 500 ms).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    pause(&ctx, &id).await?;
+    let paused = SystemTime::now();
+    ctx.step(format!("paused for {PAUSE:?}"));
+    tokio::time::sleep(PAUSE).await;
+    let resumed = SystemTime::now();
+    resume(&ctx, &id).await?;
+    let r = ctx.wait(&id).await?;
     check!(
         ctx,
-        p_rep.stdout == b"ticks=20" && t_rep.stdout == b"ticks=20",
-        "the workloads wrote {:?} and {:?}",
-        p_rep.stdout_str(),
-        t_rep.stdout_str()
+        r.code() == Some(0),
+        "the ticking workload ended {:?}: {}",
+        r.termination,
+        r.stderr_str()
     );
-    check!(
-        ctx,
-        p_took + SLACK >= t_took + PAUSE,
-        "paused for {PAUSE:?}, the cell ended {p_took:?} after create, its unpaused twin \
-         {t_took:?}: the pause did not stop the workload"
-    );
-    for id in [p.id, t.id] {
-        ctx.destroy(&id).await?;
-        ctx.assert_clean(&id).await?;
+    let window = Window {
+        paused: nanos(paused),
+        resumed: nanos(resumed),
+    };
+    if let Err(why) = judge(&r.stdout_str(), window) {
+        return Err(ctx.fail(why));
     }
-    Ok(())
+    ctx.destroy(&id).await?;
+    ctx.assert_clean(&id).await
+}
+
+fn nanos(t: SystemTime) -> u128 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos())
+}
+
+/// When the cell was frozen, in host realtime nanoseconds: from pause's return to resume's call.
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    paused: u128,
+    resumed: u128,
+}
+
+const SECOND: u128 = 1_000_000_000;
+
+/// A clock a tick reports, as the span of host realtime in which the tick was taken.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum TickClock {
+    /// CLOCK_REALTIME, in nanoseconds: the host's in a container; a VM's own stops while paused.
+    Realtime,
+    /// The RTC, in whole seconds: a reading `s` was taken in `[s, s + 1)`.
+    Rtc,
+}
+
+impl TickClock {
+    fn span(self, line: &str) -> Option<(u128, u128)> {
+        let mut fields = line.split(' ');
+        let (real, rtc) = (fields.next()?, fields.next()?);
+        match self {
+            TickClock::Realtime => real.parse().ok().map(|r| (r, r)),
+            TickClock::Rtc => rtc
+                .parse::<u128>()
+                .ok()
+                .map(|s| (s * SECOND, (s + 1) * SECOND)),
+        }
+    }
+}
+
+/// The verdict on the probe's ticks: some clock shows ticks before and after the window (so the
+/// workload lived across it) and none inside. A clock that does not run through a pause (a VM's
+/// realtime) shows no tick after the window and is not used; one that lived across it and still
+/// shows none inside proves the freeze.
+fn judge(out: &str, w: Window) -> Result<(), String> {
+    let (mut seen, mut lived) = (Vec::new(), false);
+    for clock in [TickClock::Realtime, TickClock::Rtc] {
+        let spans: Vec<(u128, u128)> = out.lines().filter_map(|l| clock.span(l)).collect();
+        let before = spans.iter().filter(|s| s.1 <= w.paused).count();
+        let after = spans.iter().filter(|s| s.0 >= w.resumed).count();
+        let inside: Vec<u128> = spans
+            .iter()
+            .filter(|s| s.0 > w.paused && s.1 < w.resumed)
+            .map(|s| (s.0 - w.paused) / 1_000_000)
+            .collect();
+        if before > 0 && after > 0 && inside.is_empty() {
+            return Ok(());
+        }
+        lived |= before > 0 && after > 0;
+        seen.push(format!(
+            "{clock:?}: {} ticks, {before} before the pause, {after} after the resume, {} inside \
+             (ms after the pause returned: {:?})",
+            spans.len(),
+            inside.len(),
+            &inside[..inside.len().min(8)]
+        ));
+    }
+    let verdict = if lived {
+        "the workload kept ticking while paused: the pause did not stop the workload"
+    } else {
+        "no clock of the workload shows ticks both before the pause and after the resume, so \
+         the run cannot show the freeze (it ended early or its clocks did not run on)"
+    };
+    Err(format!(
+        "paused from {} to {} (host realtime ns): {verdict}; {}",
+        w.paused,
+        w.resumed,
+        seen.join("; ")
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const P: u128 = 1_000 * SECOND + 300_000_000;
+    const W: Window = Window {
+        paused: P,
+        resumed: P + 4 * SECOND,
+    };
+
+    /// Ticks every 50 ms from `from` to `to` (ns), realtime shifted by `lag` after the window, with
+    /// the host's second as the RTC when `rtc`.
+    fn ticks(ranges: &[(u128, u128)], lag: u128, rtc: bool) -> String {
+        let mut out = String::new();
+        for &(from, to) in ranges {
+            let mut t = from;
+            while t < to {
+                let real = if t >= W.resumed { t - lag } else { t };
+                let r = if rtc {
+                    (t / SECOND).to_string()
+                } else {
+                    "-".into()
+                };
+                out.push_str(&format!("{real} {r}\n"));
+                t += 50_000_000;
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_frozen_container_passes() {
+        let out = ticks(
+            &[(P - 2 * SECOND, P), (W.resumed + 1, W.resumed + SECOND)],
+            0,
+            false,
+        );
+        assert_eq!(judge(&out, W), Ok(()));
+    }
+
+    #[test]
+    fn a_frozen_vm_passes_by_its_rtc_though_its_realtime_lags() {
+        let lag = W.resumed - W.paused;
+        let out = ticks(
+            &[
+                (P - 2 * SECOND, P),
+                (W.resumed + 1, W.resumed + 1_600_000_000),
+            ],
+            lag,
+            true,
+        );
+        assert_eq!(judge(&out, W), Ok(()));
+    }
+
+    #[test]
+    fn a_workload_running_through_the_pause_fails_by_every_clock() {
+        for rtc in [false, true] {
+            let out = ticks(&[(P - 2 * SECOND, W.resumed + 2 * SECOND)], 0, rtc);
+            let e = judge(&out, W).unwrap_err();
+            assert!(e.contains("did not stop"), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_run_that_does_not_span_the_window_proves_nothing() {
+        let out = ticks(&[(P - 2 * SECOND, P)], 0, true);
+        let e = judge(&out, W).unwrap_err();
+        assert!(e.contains("cannot show the freeze"), "{e}");
+        assert!(judge("", W).is_err());
+    }
+
+    #[test]
+    fn an_rtc_second_straddling_an_edge_is_not_inside() {
+        // RTC readings only; the pause returned 0.3 s into second 1000, resume came in 1004.
+        let out = "- 998\n- 1006\n";
+        // Read in second 1000: maybe before the pause returned.
+        assert_eq!(judge(&format!("{out}- 1000\n"), W), Ok(()));
+        // Read in second 1004: maybe after resume was called.
+        assert_eq!(judge(&format!("{out}- 1004\n"), W), Ok(()));
+        // Read in second 1001: certainly inside.
+        assert!(judge(&format!("{out}- 1001\n"), W).is_err());
+    }
 }
