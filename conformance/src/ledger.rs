@@ -81,26 +81,27 @@ pub fn ensure_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
-/// An exclusive `flock` on `dir/.lock`, held while the guard lives: two runs starting at once
-/// reconcile one after the other, so one never removes what the other is removing.
-struct DirLock {
+/// An exclusive `flock` on a file, held while the guard lives. On the ledger dir's `.lock`: two
+/// runs starting at once reconcile one after the other, so one never removes what the other is
+/// removing. A file that cannot be opened is no lock (the caller's work is still correct alone).
+pub(crate) struct FileLock {
     _file: Option<std::fs::File>,
 }
 
-impl DirLock {
-    fn take(dir: &Path) -> DirLock {
+impl FileLock {
+    pub(crate) fn take(path: &Path) -> FileLock {
         use std::os::fd::AsRawFd;
         let f = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
-            .open(dir.join(".lock"))
+            .open(path)
             .ok();
         if let Some(f) = &f {
-            // SAFETY: flock on an fd we own; it blocks until the other run's reconcile is done.
+            // SAFETY: flock on an fd we own; it blocks until the other holder is done.
             unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
         }
-        DirLock { _file: f }
+        FileLock { _file: f }
     }
 }
 
@@ -206,7 +207,7 @@ pub fn reconcile(
     let Ok(rd) = std::fs::read_dir(dir) else {
         return out;
     };
-    let _lock = DirLock::take(dir);
+    let _lock = FileLock::take(&dir.join(".lock"));
     let mut files: Vec<PathBuf> = rd
         .flatten()
         .map(|e| e.path())

@@ -47,7 +47,8 @@
 //! - `CELLCHECK_EXPECTATIONS` names the expectations file (see [`expectations`]), overriding the
 //!   one a test target gives [`Suite::expectations_file`]; the file is checked before listing.
 //! - `CELLCHECK_RESULTS=<path>` appends one JSON line per trial (see [`results`]).
-//! - `CELLCHECK_PREFLIGHT_CACHE=0` disables the per-backend preflight cache.
+//! - `CELLCHECK_PREFLIGHT_CACHE=0` disables the per-backend preflight cache and the cache of
+//!   the basic-contract check (see the README).
 //! - `CELLCHECK_TRACE` filters what backends trace into a failing trial's message (default
 //!   `debug`, `off` for none); `RUST_LOG` prints traces live to stderr (see [`trace`]).
 //!

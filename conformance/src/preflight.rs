@@ -1,7 +1,9 @@
 //! Preflight results cached per backend, so one-process-per-trial runners (nextest) pay a
-//! backend's functional check once every few minutes instead of once per trial.
+//! backend's functional check once every few minutes instead of once per trial; the
+//! basic-contract check (`suite/contract.rs`) is cached the same way ([`cached`]).
 //!
-//! The cache lives at `<target>/cellcheck/preflight/<backend>.json`, is keyed by everything that
+//! The cache lives at `<target>/cellcheck/preflight/<backend>.json` (the contract check's at
+//! `<backend>.contract.json`), is keyed by everything that
 //! configures the backend ([`config_key`]: the fixtures build, the backend's attributes, the
 //! `CELLCHECK_*` settings), and expires after [`MAX_AGE`]. `CELLCHECK_PREFLIGHT_CACHE=0` disables it.
 
@@ -9,16 +11,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use cellcheck_contract::{Availability, Backend};
-use serde::{Deserialize, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 pub const MAX_AGE: Duration = Duration::from_secs(300);
 
+/// One cached answer: what it is for (`stem`, `key`), when it was computed, and the answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Entry {
-    backend: String,
-    fixtures_key: String,
+struct Entry<T> {
+    stem: String,
+    key: String,
     at_unix: u64,
-    availability: Availability,
+    value: T,
 }
 
 fn now_unix() -> u64 {
@@ -93,14 +96,13 @@ fn config_key_of(
     format!("{fixtures_key}|attributes={attributes:?}|env={settings:?}")
 }
 
-fn read(path: &Path, backend: &str, key: &str) -> Option<Availability> {
-    let e: Entry = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+fn read<T: DeserializeOwned>(path: &Path, stem: &str, key: &str) -> Option<T> {
+    let e: Entry<T> = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
     let age = now_unix().checked_sub(e.at_unix)?;
-    (e.backend == backend && e.fixtures_key == key && age <= MAX_AGE.as_secs())
-        .then_some(e.availability)
+    (e.stem == stem && e.key == key && age <= MAX_AGE.as_secs()).then_some(e.value)
 }
 
-fn write(path: &Path, e: &Entry) -> std::io::Result<()> {
+fn write<T: Serialize>(path: &Path, e: &Entry<T>) -> std::io::Result<()> {
     std::fs::create_dir_all(path.parent().unwrap_or(Path::new(".")))?;
     // Write then rename, so a concurrent reader never sees half a file.
     let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
@@ -110,31 +112,40 @@ fn write(path: &Path, e: &Entry) -> std::io::Result<()> {
     })
 }
 
+/// `compute`'s answer for `key`, shared by the processes of a run through
+/// `<cache_dir>/<stem>.json` while fresh. Processes that ask at once take turns on
+/// `<stem>.lock`, so the answer is computed once, not once by each. Returns the answer and
+/// whether it was cached.
+pub async fn cached<T, F>(stem: &str, key: &str, compute: F) -> (T, bool)
+where
+    T: Serialize + DeserializeOwned,
+    F: std::future::Future<Output = T>,
+{
+    if !enabled() {
+        return (compute.await, false);
+    }
+    let path = cache_dir().join(format!("{stem}.json"));
+    let _ = std::fs::create_dir_all(cache_dir());
+    let _turn = crate::ledger::FileLock::take(&cache_dir().join(format!("{stem}.lock")));
+    if let Some(v) = read(&path, stem, key) {
+        return (v, true);
+    }
+    let value = compute.await;
+    let e = Entry {
+        stem: stem.to_string(),
+        key: key.to_string(),
+        at_unix: now_unix(),
+        value,
+    };
+    if let Err(err) = write(&path, &e) {
+        eprintln!("cellcheck: cannot cache at {}: {err}", path.display());
+    }
+    (e.value, false)
+}
+
 /// The backend's preflight, from the cache when fresh. Returns the answer and whether it was cached.
 pub async fn preflight(backend: &dyn Backend, key: &str) -> (Availability, bool) {
-    let name = backend.name().to_string();
-    let path = cache_dir().join(format!("{name}.json"));
-    if enabled() {
-        if let Some(a) = read(&path, &name, key) {
-            return (a, true);
-        }
-    }
-    let availability = backend.preflight().await;
-    if enabled() {
-        let e = Entry {
-            backend: name,
-            fixtures_key: key.to_string(),
-            at_unix: now_unix(),
-            availability: availability.clone(),
-        };
-        if let Err(err) = write(&path, &e) {
-            eprintln!(
-                "cellcheck: cannot cache preflight at {}: {err}",
-                path.display()
-            );
-        }
-    }
-    (availability, false)
+    cached(backend.name(), key, backend.preflight()).await
 }
 
 #[cfg(test)]
@@ -146,21 +157,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("b.json");
         let mut e = Entry {
-            backend: "b".into(),
-            fixtures_key: "k1".into(),
+            stem: "b".into(),
+            key: "k1".into(),
             at_unix: now_unix(),
-            availability: Availability::Unavailable {
+            value: Availability::Unavailable {
                 reason: "nope".into(),
             },
         };
         write(&p, &e).unwrap();
-        assert_eq!(read(&p, "b", "k1"), Some(e.availability.clone()));
-        assert_eq!(read(&p, "b", "k2"), None);
-        assert_eq!(read(&p, "c", "k1"), None);
+        assert_eq!(read(&p, "b", "k1"), Some(e.value.clone()));
+        assert_eq!(read::<Availability>(&p, "b", "k2"), None);
+        assert_eq!(read::<Availability>(&p, "c", "k1"), None);
         e.at_unix -= MAX_AGE.as_secs() + 1;
         write(&p, &e).unwrap();
-        assert_eq!(read(&p, "b", "k1"), None);
+        assert_eq!(read::<Availability>(&p, "b", "k1"), None);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn an_answer_is_computed_once_per_key_and_then_read() {
+        if !enabled() {
+            return;
+        }
+        let stem = format!("selftest-{}", std::process::id());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let ask = |key: &str, v: u32| rt.block_on(cached(&stem, key, async move { v }));
+        assert_eq!(ask("k1", 1), (1, false));
+        // Cached: the new computation is not run.
+        assert_eq!(ask("k1", 2), (1, true));
+        assert_eq!(ask("k2", 3), (3, false));
+        for ext in ["json", "lock"] {
+            std::fs::remove_file(cache_dir().join(format!("{stem}.{ext}"))).unwrap();
+        }
     }
 
     #[test]

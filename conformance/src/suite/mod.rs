@@ -11,8 +11,10 @@ use crate::expectations::{self, Catalog, Expectations, ExpectationsError, Expect
 use crate::harness::{self, RunReport, Scenario};
 use crate::results::{self, Outcome, ResultLine};
 
+mod contract;
 mod rerun;
 mod trial;
+use contract::{Gate, Pending};
 use rerun::rerun_hint;
 pub use rerun::{rerun_command, shell_quote};
 use trial::make_trial;
@@ -223,7 +225,8 @@ impl Suite {
             Err(e) => (Expectations::default(), Some(e)),
         };
         let mut fixtures: Option<Result<Fixtures, String>> = None;
-        let mut trials = Vec::new();
+        let mut trials: Vec<Pending> = Vec::new();
+        let mut gates: Vec<Gate> = Vec::new();
         // The backends built for this run, by name: the ledger's recovery destroys through them.
         let mut built: Vec<Arc<dyn Backend>> = Vec::new();
 
@@ -262,7 +265,7 @@ impl Suite {
             if !wanted {
                 // Listed (so filters see consistent names) but never run: no fixtures, no preflight.
                 for n in trial_names.into_iter().chain([reasons_name]) {
-                    trials.push(Trial::test(n, || Ok(())));
+                    trials.push(Pending::Built(Trial::test(n, || Ok(()))));
                 }
                 continue;
             }
@@ -281,6 +284,7 @@ impl Suite {
                     (Factory::Plain(f), None) => f(),
                 }),
             };
+            let mut gate = None;
             let availability = match &backend {
                 Ok(b) => {
                     let key = crate::preflight::config_key(
@@ -288,12 +292,30 @@ impl Suite {
                         &crate::preflight::fixtures_key(fx.as_ref().ok()),
                     );
                     let b2 = b.clone();
+                    let k2 = key.clone();
                     let (a, _cached) = runtime()
-                        .block_on(async move { crate::preflight::preflight(&*b2, &key).await });
+                        .block_on(async move { crate::preflight::preflight(&*b2, &k2).await });
+                    if exp_error.is_none() {
+                        gate = contract::gate_for(
+                            b,
+                            &a,
+                            &self.scenarios,
+                            &trial_names,
+                            &exps,
+                            &class,
+                            &key,
+                            args,
+                        );
+                    }
                     Some(a)
                 }
                 Err(_) => None,
             };
+            // Its trials (the check's aside) wait for the check's answer (see `contract`).
+            let gate = gate.map(|g| {
+                gates.push(g);
+                gates.len() - 1
+            });
             if let Ok(b) = &backend {
                 built.push(b.clone());
             }
@@ -368,23 +390,24 @@ impl Suite {
                     attributes: attributes.clone(),
                     rerun: String::new(),
                 };
-                trials.push(make_trial(
-                    trial_name,
-                    *sc,
-                    backend.as_ref().ok().cloned(),
+                trials.push(Pending::Scenario {
+                    gate: gate.filter(|_| sc.path() != contract::CHECK),
+                    name: trial_name,
+                    sc: *sc,
+                    backend: backend.as_ref().ok().cloned(),
                     plan,
-                    base,
-                    args,
-                ));
+                    base: Box::new(base),
+                });
             }
             let text = reasons_text(&name, self.scenarios.len(), &notes);
-            trials.push(Trial::test(reasons_name, move || {
+            trials.push(Pending::Built(Trial::test(reasons_name, move || {
                 println!("{text}");
                 Ok(())
-            }));
+            })));
         }
+        // What dead harnesses left is recovered before any cell runs, the checks' included.
         recover_from_ledger(&built);
-        trials
+        contract::finish(trials, gates, args)
     }
 }
 
