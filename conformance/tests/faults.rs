@@ -307,6 +307,9 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
     (Fault::DropLimits, &["limits::pids_max"], |_| {
         vec!["all 64 forks succeeded under pidsMax = 16".into()]
     }),
+    (Fault::DropLimits, &["hardening::cpu_max"], |_| {
+        vec!["cpuMax not enforced: a busy loop got".into()]
+    }),
     (
         Fault::DropOpenFiles,
         &["hardening::rlimits_declared"],

@@ -107,8 +107,8 @@ pub enum Fault {
     /// The declared `limits.openFiles` is dropped before the inner backend sees the document, so
     /// the default is applied instead.
     DropOpenFiles,
-    /// The declared `memoryMaxBytes` and `pidsMax` are dropped before the inner backend sees the
-    /// document, while the backend still claims to enforce both.
+    /// The declared `memoryMaxBytes`, `pidsMax` and `cpuMax` are dropped before the inner backend
+    /// sees the document, while the backend still claims to enforce them.
     DropLimits,
     /// The workload's root filesystem is writable while the backend claims a read-only root: it
     /// runs in a writable overlay of the cell's root (upper layer in the cell's own `/tmp`, so

@@ -82,6 +82,7 @@ impl FaultyBackend {
                 if let Some(l) = d.spec.run.limits.as_mut() {
                     l.memory_max_bytes = None;
                     l.pids_max = None;
+                    l.cpu_max = None;
                 }
             }
             _ => {}

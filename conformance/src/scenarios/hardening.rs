@@ -411,13 +411,18 @@ async fn rlimits_default(ctx: Ctx) -> Result<(), Failure> {
     nofile_is(&ctx, &doc, DEFAULT_OPEN_FILES).await
 }
 
-/// `cpuMax` of 10% for a 1.5 s busy loop. The loop may get less (the host is busy), never more
-/// than twice the quota: CFS hands out quota per period, so the overshoot is at most a period's
-/// quota on top of the share, far below the 100% an unlimited loop gets on an idle core.
+/// `cpuMax` of 1% (the smallest quota admission allows) for a 1.5 s busy loop. The loop may get
+/// less (the host is busy), never more than three times the quota: CFS hands out at most the
+/// quota per period, and the tolerance covers the loop's own measuring (below). An unlimited loop
+/// gets far more even on a busy host: 2 cores at load 30 still give it about 6%.
+///
+/// The loop's CPU time is the smaller of the process clock and the time the loop saw itself run
+/// (steps between clock reads short enough to have been on the CPU): the process clock is exact
+/// on a Linux kernel, but gVisor's counts the time its task spent throttled by the host.
 async fn cpu_max(ctx: Ctx) -> Result<(), Failure> {
-    const QUOTA: u64 = 10_000;
+    const QUOTA: u64 = 1_000;
     const PERIOD: u64 = 100_000;
-    const TOLERANCE: f64 = 2.0;
+    const TOLERANCE: f64 = 3.0;
     let doc = ctx.doc(&["spin", "1500"]).with_limits(Limits {
         cpu_max: Some(CpuMax {
             quota: QUOTA,
@@ -425,7 +430,7 @@ async fn cpu_max(ctx: Ctx) -> Result<(), Failure> {
         }),
         ..Limits::default()
     });
-    ctx.step("run `spin 1500` under cpuMax 10000/100000");
+    ctx.step("run `spin 1500` under cpuMax 1000/100000");
     let (id, r) = ctx.run_doc(&doc).await?;
     check!(
         ctx,
@@ -434,18 +439,19 @@ async fn cpu_max(ctx: Ctx) -> Result<(), Failure> {
         r.termination
     );
     let v = parse(&ctx, &r.stdout_str())?;
-    let (wall, cpu) = (num(&v, "/wall_ms"), num(&v, "/cpu_ms"));
-    let (Some(wall), Some(cpu)) = (wall, cpu) else {
+    let (wall, cpu, ran) = (num(&v, "/wall_ms"), num(&v, "/cpu_ms"), num(&v, "/ran_ms"));
+    let (Some(wall), Some(cpu), Some(ran)) = (wall, cpu, ran) else {
         return Err(ctx.fail(format!("`spin` printed {v}")));
     };
-    let share = cpu as f64 / wall.max(1) as f64;
+    let got = cpu.min(ran);
+    let share = got as f64 / wall.max(1) as f64;
     let limit = QUOTA as f64 / PERIOD as f64 * TOLERANCE;
     let within = share <= limit;
     check!(
         ctx,
         within,
-        "cpuMax not enforced: a busy loop got {cpu} ms of CPU in {wall} ms ({:.0}%), the quota \
-         allows {:.0}% (with tolerance {:.0}%)",
+        "cpuMax not enforced: a busy loop got {got} ms of CPU in {wall} ms ({:.1}%; process \
+         clock {cpu} ms, ran {ran} ms), the quota allows {:.0}% (with tolerance {:.0}%)",
         share * 100.0,
         QUOTA as f64 / PERIOD as f64 * 100.0,
         limit * 100.0
