@@ -97,7 +97,10 @@ impl Target {
                     .args(["nextest", sub, "-p", &self.package]);
             }
             Some(d) => {
+                // A profile the caller's environment names (nextest sets NEXTEST_PROFILE for the
+                // tests it runs, e.g. `ci` here) is one of this repository's, not the crate's.
                 c.current_dir(d)
+                    .env_remove("NEXTEST_PROFILE")
                     .args(["nextest", sub, "--manifest-path"])
                     .arg(d.join("Cargo.toml"));
             }
