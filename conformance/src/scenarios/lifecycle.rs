@@ -49,7 +49,8 @@ async fn host_pid_is_the_workload(ctx: Ctx) -> Result<(), Failure> {
     let Some(pid) = h.host_pid else {
         return Err(ctx.fail("HostPid is supported but create gave no host pid"));
     };
-    let needle = format!("{}={}\0", crate::ids::MARKER_VAR, ctx.marker_of(&id)).into_bytes();
+    let marker = ctx.marker_of(&id);
+    let needle = format!("{}={marker}\0", crate::ids::MARKER_VAR).into_bytes();
     let proc_root = std::path::Path::new("/proc");
     let has_marker = |p: u32| {
         std::fs::read(format!("/proc/{p}/environ"))
@@ -76,11 +77,10 @@ async fn host_pid_is_the_workload(ctx: Ctx) -> Result<(), Failure> {
                 )))
             }
             ProbeState::Starting { comm, .. } => {
-                let found = std::fs::read_dir(proc_root)
+                // The residue checker's walk of the process table finds the marked processes.
+                let found = crate::residue::marked_processes(std::slice::from_ref(&marker), &[])
                     .into_iter()
-                    .flatten()
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+                    .map(|(p, _)| p.pid)
                     .find(|&q| {
                         q != pid && probe_state(proc_root, q) == ProbeState::Ready && has_marker(q)
                     });
