@@ -17,8 +17,11 @@
 //!   functional probe (see [`probe_accelerator`]) saw a KVM guest reach the agent, else TCG. So
 //!   [`Backend::attributes`] (`accelerator = kvm|tcg`) is pure and the same for the whole run.
 //! - **Limits**: `memoryMaxBytes` and `pidsMax` are enforced by cgroup v2 inside the guest (the
-//!   guest RAM is raised above the limit, so the cgroup, not the VM, runs out); an OOM kill is
-//!   reported as [`Termination::OutOfMemory`]. `cpuMax` and `openFiles` are not applied yet.
+//!   guest RAM is the limit plus the guest's own needs, so the cgroup, not the VM, runs out); an
+//!   OOM kill is reported as [`Termination::OutOfMemory`]. The guest RAM is capped at 2 GiB (or
+//!   the host's `MemTotal`): a larger limit is a maximum the workload cannot reach, not a size
+//!   QEMU must allocate, and the cgroup is given it unchanged (past the guest's memory it is
+//!   `max`). `cpuMax` and `openFiles` are not applied yet.
 //! - **Hardening**: the in-guest checks only show what the guest kernel allows its own
 //!   processes, so their capabilities are declared unsupported; the boundary is the VMM process:
 //!   QEMU's seccomp sandbox, no capabilities, no_new_privs, its own mount/net/ipc/uts namespaces
@@ -128,6 +131,9 @@ fn default_qemu_bin() -> &'static str {
 
 /// Room the guest kernel and agent need beside a cell's memory limit.
 const GUEST_OVERHEAD_MIB: u64 = 160;
+/// The most RAM a guest is given (MiB), the host's `MemTotal` if smaller: a larger limit is
+/// still enforced by the guest's cell cgroup, up to what the guest has.
+const GUEST_RAM_CAP_MIB: u64 = 2048;
 /// Longest single agent long-poll; between polls other requests (exec) get the channel.
 const WAIT_SLICE: Duration = Duration::from_millis(400);
 /// Any agent request answers within this (a slow TCG guest on a busy host included).

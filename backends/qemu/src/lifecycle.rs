@@ -13,7 +13,7 @@ use cellcheck_guest_agent::Op;
 
 use crate::agent::{expect_done, start_workload};
 use crate::vm::{Vm, VmSpec};
-use crate::{Cell, CellState, Inner, GUEST_OVERHEAD_MIB, REQUEST_BOUND};
+use crate::{Cell, CellState, Inner, GUEST_OVERHEAD_MIB, GUEST_RAM_CAP_MIB, REQUEST_BOUND};
 
 /// A reserved id and its work dir until the cell is committed. Dropped uncommitted (a failed or
 /// cancelled create or restore), it frees the id and removes the work dir; QEMU, if it was
@@ -53,11 +53,11 @@ impl Inner {
     }
 
     fn memory_for(&self, doc: &AdmittedCell) -> u64 {
-        let limit_mib = doc
-            .limits()
-            .memory_max_bytes
-            .map_or(0, |b| b.div_ceil(1 << 20));
-        self.config.memory_mib.max(limit_mib + GUEST_OVERHEAD_MIB)
+        guest_ram_mib(
+            self.config.memory_mib,
+            doc.limits().memory_max_bytes,
+            host_mem_total_mib(),
+        )
     }
 
     pub(crate) async fn create(
@@ -197,5 +197,53 @@ impl Drop for Inner {
             let _ = fs::remove_dir_all(&c.dir);
         }
         let _ = fs::remove_dir_all(&self.instance_dir);
+    }
+}
+
+/// The guest's RAM (MiB) for a cell with memory limit `limit` (bytes): room for the limit plus
+/// the guest kernel and agent, at least `default_mib`, at most the cap
+/// (`min(GUEST_RAM_CAP_MIB, host_mib)`). A limit is a maximum the guest's cell cgroup enforces,
+/// not memory the VM must hold: sizing past the cap would make QEMU refuse a huge admitted limit
+/// (u64::MAX) and slow every boot, while the cgroup still holds the workload to a smaller limit.
+pub(crate) fn guest_ram_mib(default_mib: u64, limit: Option<u64>, host_mib: Option<u64>) -> u64 {
+    let cap = host_mib.map_or(GUEST_RAM_CAP_MIB, |h| h.min(GUEST_RAM_CAP_MIB));
+    let wanted = limit
+        .map_or(0, |b| b.div_ceil(1 << 20))
+        .saturating_add(GUEST_OVERHEAD_MIB);
+    default_mib.max(wanted.min(cap))
+}
+
+/// The host's `MemTotal` in MiB, if `/proc/meminfo` says.
+fn host_mem_total_mib() -> Option<u64> {
+    let text = fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))?
+        .trim()
+        .strip_suffix("kB")?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib >> 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guest_ram_mib;
+
+    #[test]
+    fn guest_ram_is_the_limit_plus_overhead_within_the_cap() {
+        const MIB: u64 = 1 << 20;
+        // No limit, or a small one: the default.
+        assert_eq!(guest_ram_mib(256, None, Some(24_000)), 256);
+        assert_eq!(guest_ram_mib(256, Some(64 * MIB), Some(24_000)), 256);
+        // An ordinary limit: the limit plus the guest's own needs (a partial MiB rounds up).
+        assert_eq!(guest_ram_mib(256, Some(1024 * MIB), Some(24_000)), 1184);
+        assert_eq!(guest_ram_mib(256, Some(1024 * MIB + 1), Some(24_000)), 1185);
+        // The largest admitted limit: the cap, never an overflow or a size QEMU refuses.
+        assert_eq!(guest_ram_mib(256, Some(u64::MAX), Some(24_000)), 2048);
+        assert_eq!(guest_ram_mib(256, Some(u64::MAX), None), 2048);
+        // A small host caps lower.
+        assert_eq!(guest_ram_mib(256, Some(u64::MAX), Some(1000)), 1000);
     }
 }
