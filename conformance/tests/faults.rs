@@ -34,6 +34,34 @@ fn unhardened_host() -> Arc<dyn Backend> {
     .clone()
 }
 
+/// DropLimits over QEMU: the VM a limited cell gets must let an unlimited cell survive what the
+/// limit forbids, or the guest runs out anyway and `limits::memory_oom` passes without a limit.
+fn drop_limits_on_qemu() -> Result<(), Failed> {
+    let cfg = cellcheck_qemu::QemuConfig::from_fixtures(&cellcheck_fixtures::ensure()?);
+    let qemu = std::process::Command::new(&cfg.qemu_bin)
+        .arg("--version")
+        .output();
+    if !qemu.is_ok_and(|o| o.status.success()) {
+        println!("skipped: {} is not runnable", cfg.qemu_bin.display());
+        return Ok(());
+    }
+    let faulty = FaultyBackend::new(
+        Arc::new(cellcheck_qemu::QemuBackend::new(cfg)),
+        Fault::DropLimits,
+    );
+    let faulty = Arc::new(faulty);
+    let verdict = run_scenario_bounded(faulty.clone(), "limits::memory_oom", Some(FAULT_BOUND));
+    faulty.cleanup_created();
+    let msg = verdict
+        .err()
+        .ok_or("limits::memory_oom passed on qemu despite DropLimits")?;
+    println!("--- DropLimits caught by limits::memory_oom on qemu:\n{msg}\n");
+    match msg.contains("expected OutOfMemory, got Exited") {
+        true => Ok(()),
+        false => Err("the failure message lacks \"expected OutOfMemory, got Exited\"".into()),
+    }
+}
+
 /// The progress bound of a fault trial: a hung backend is caught within it, while one residue
 /// check on a heavily loaded host (it took over 20 s at load 30) is not mistaken for a hang.
 const FAULT_BOUND: Duration = Duration::from_secs(60);
@@ -531,6 +559,10 @@ fn main() -> ExitCode {
         .collect();
     all.sort();
     all.dedup();
+    trials.push(Trial::test(
+        "faults::DropLimits::limits_memory_oom_qemu",
+        drop_limits_on_qemu,
+    ));
     trials.push(Trial::test(
         "faults::failure_message_ends_with_the_backends_trace",
         trace_in_failure,
