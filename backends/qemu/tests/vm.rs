@@ -321,7 +321,8 @@ async fn timeout_kills_and_memory_limit_reports_oom() -> Result<()> {
     b.create(&probe_doc(&slow, &["hold"]).with_timeout_ms(1500))
         .await?;
     let oom = id("oom");
-    b.create(&probe_doc(&oom, &["alloc", "512"]).with_limits(Limits {
+    // Past the limit yet within the 256 MiB guest: only the cell's cgroup can kill it.
+    b.create(&probe_doc(&oom, &["alloc", "128"]).with_limits(Limits {
         memory_max_bytes: Some(32 << 20),
         ..Limits::default()
     }))
