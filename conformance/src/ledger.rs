@@ -504,11 +504,25 @@ fn remove_cgroup(d: &Path) -> std::io::Result<()> {
     }
 }
 
+impl Recovered {
+    /// What was recovered: `cell <id>`, or a backend's private rootfs copy (see
+    /// [`crate::roots`]), which has no cell.
+    pub fn what(&self) -> String {
+        if self.cell.is_empty() {
+            "the private rootfs copy".into()
+        } else {
+            format!("cell {}", self.cell)
+        }
+    }
+}
+
 /// How one recovered entry is printed.
 pub fn describe(r: &Recovered) -> String {
     let mut s = format!(
-        "cellcheck: recovered cell {} of backend {} (left by run {})",
-        r.cell, r.backend, r.run
+        "cellcheck: recovered {} of backend {} (left by run {})",
+        r.what(),
+        r.backend,
+        r.run
     );
     if r.removed.is_empty() && r.errors.is_empty() {
         s.push_str(": nothing of it was left");

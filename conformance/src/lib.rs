@@ -28,7 +28,8 @@
 //! ```
 //!
 //! A backend that runs the fixture rootfs takes the built fixtures instead:
-//! `.backend_with_fixtures("mine", |fx| Arc::new(Mine::new(&fx.rootfs)))`.
+//! `.backend_with_fixtures("mine", |fx| Arc::new(Mine::new(&fx.rootfs)))`. Its `rootfs` is a
+//! private copy (see [`roots`]): any change in it is that backend's.
 //! The repository's `fixtures/outside-crate/` is a complete crate doing this (built and run by
 //! xtask's tests, as an author outside the repository would).
 //!
@@ -67,6 +68,7 @@ pub mod ledger;
 pub mod preflight;
 pub mod residue;
 pub mod results;
+pub mod roots;
 pub mod scenarios;
 mod suite;
 pub mod trace;

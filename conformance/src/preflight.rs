@@ -77,7 +77,13 @@ const NOT_CONFIG: &[&str] = &[
 /// another runtime binary, other fixtures) is never reported for another: the fixtures key, the
 /// backend's attributes and every `CELLCHECK_*` variable that is not in [`NOT_CONFIG`].
 pub fn config_key(backend: &dyn Backend, fixtures_key: &str) -> String {
-    config_key_of(&backend.attributes(), fixtures_key, std::env::vars_os())
+    // A private rootfs copy's path differs in every process; the copies are identical.
+    let attributes = backend
+        .attributes()
+        .into_iter()
+        .map(|(k, v)| (k, crate::roots::normalize(&v)))
+        .collect();
+    config_key_of(&attributes, fixtures_key, std::env::vars_os())
 }
 
 fn config_key_of(

@@ -6,16 +6,35 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use cellcheck_conformance::faulty::{self, Fault, FaultyBackend};
-use cellcheck_conformance::{ids, run_scenario, run_scenario_bounded};
+use cellcheck_conformance::{ids, roots, run_scenario, run_scenario_bounded};
 use cellcheck_contract::{Backend, DEFAULT_OPEN_FILES};
 use libtest_mimic::{Arguments, Failed, Trial};
 
+/// The fixtures with the private rootfs copy of the backend named `name`, as the suite hands
+/// them to a backend it builds.
+fn fixtures_for(name: &str) -> cellcheck_fixtures::Fixtures {
+    let fx = cellcheck_fixtures::ensure().expect("fixtures");
+    roots::fixtures_for(name, &fx).expect("a private rootfs copy")
+}
+
+/// The plain host backend, in its own rootfs copy.
 fn host() -> Arc<dyn Backend> {
     static HOST: OnceLock<Arc<dyn Backend>> = OnceLock::new();
     HOST.get_or_init(|| {
-        let fx = cellcheck_fixtures::ensure().expect("fixtures");
         Arc::new(cellcheck_host::HostBackend::new(
-            cellcheck_host::HostConfig::from_fixtures(&fx),
+            cellcheck_host::HostConfig::from_fixtures(&fixtures_for("host")),
+        ))
+    })
+    .clone()
+}
+
+/// The host backend a faulty backend wraps: in the rootfs copy of `faulty-host`, the name its
+/// trials run under, so a fault writing into the root the backend was given writes there.
+fn faulty_inner() -> Arc<dyn Backend> {
+    static HOST: OnceLock<Arc<dyn Backend>> = OnceLock::new();
+    HOST.get_or_init(|| {
+        Arc::new(cellcheck_host::HostBackend::new(
+            cellcheck_host::HostConfig::from_fixtures(&fixtures_for("faulty-host")),
         ))
     })
     .clone()
@@ -26,8 +45,7 @@ fn host() -> Arc<dyn Backend> {
 fn unhardened_host() -> Arc<dyn Backend> {
     static HOST: OnceLock<Arc<dyn Backend>> = OnceLock::new();
     HOST.get_or_init(|| {
-        let fx = cellcheck_fixtures::ensure().expect("fixtures");
-        let mut cfg = cellcheck_host::HostConfig::from_fixtures(&fx);
+        let mut cfg = cellcheck_host::HostConfig::from_fixtures(&fixtures_for("faulty-host"));
         cfg.privileged = true;
         Arc::new(cellcheck_host::HostBackend::new(cfg))
     })
@@ -147,7 +165,23 @@ const CASES: &[(Fault, &[&str], Needles)] = &[
         made_or_missing(f, &["holds a declared secret"])
     }),
     (Fault::WriteSharedRootfs, &["residue::after_exit"], |f| {
-        made_or_missing(f, &["shared rootfs changed", "added"])
+        made_or_missing(
+            f,
+            &[
+                "rootfs changed",
+                "added in the private rootfs copy of backend faulty-host (cell cc-",
+            ],
+        )
+    }),
+    (Fault::CreateMissingCwd, &["residue::after_exit"], |f| {
+        made_or_missing(
+            f,
+            &[
+                "rootfs changed",
+                "/work added in the private rootfs copy of backend faulty-host, which only its \
+                 cells use (trial of it in this window: faulty-host::residue::after_exit)",
+            ],
+        )
     }),
     (
         Fault::AdmissionTooStrict,
@@ -383,7 +417,7 @@ fn fault_trial(
             let inner = if fault.needs_unhardened_inner() {
                 unhardened_host()
             } else {
-                host()
+                faulty_inner()
             };
             let faulty = Arc::new(FaultyBackend::new(inner, fault));
             let verdict = run_scenario_bounded(faulty.clone(), sc, Some(FAULT_BOUND));
@@ -428,7 +462,7 @@ fn fault_trial(
 /// A trial that fails over the host backend ends its message with what the host backend traced
 /// for the trial's cell: its create, wait and destroy spans with their key events, in order.
 fn trace_in_failure() -> Result<(), Failed> {
-    let faulty = Arc::new(FaultyBackend::new(host(), Fault::MisreportExit));
+    let faulty = Arc::new(FaultyBackend::new(faulty_inner(), Fault::MisreportExit));
     let verdict = run_scenario_bounded(faulty.clone(), "exit::code_42", None);
     faulty.cleanup_created();
     let msg = match verdict {

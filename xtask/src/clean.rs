@@ -1,7 +1,8 @@
 //! `cargo xtask clean`: reconcile the ledger now, as every run does at its start. Each cell a dead
 //! harness left is destroyed through its backend where that can work, then whatever remains is
 //! removed by what the ledger recorded (pid with start time, paths and cgroups that name the
-//! cell), never by a name pattern; every removed thing is listed by name.
+//! cell), never by a name pattern; every removed thing is listed by name. The private rootfs
+//! copies of dead harnesses are removed too (by their owner's pid and start time).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -65,7 +66,13 @@ pub fn run(opts: &Options) -> Result<bool> {
     if explicit && !dir.is_dir() {
         anyhow::bail!("ledger {} is not a directory", dir.display());
     }
-    let (found, text) = clean(&dir, &registered);
+    let (mut found, mut text) = clean(&dir, &registered);
+    // The rootfs copies dead harnesses left beside the fixtures of this target dir.
+    for r in cellcheck_conformance::roots::reconcile(&cellcheck_conformance::roots::dir()) {
+        text.push_str(&ledger::describe(&r));
+        text.push('\n');
+        found.push(r);
+    }
     print!("{text}");
     let failed = found.iter().filter(|r| !r.errors.is_empty()).count();
     if failed > 0 {

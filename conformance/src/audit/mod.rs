@@ -41,10 +41,12 @@ use crate::ids::MARKER_VAR;
 mod collect;
 mod lines;
 mod needles;
+mod rootfs;
 mod window;
 pub use collect::*;
 pub use lines::*;
 pub use needles::*;
+pub use rootfs::*;
 pub use window::*;
 
 /// The file areas audited on every host.
@@ -136,8 +138,11 @@ pub struct Snapshot {
     pub loops: BTreeSet<String>,
     pub files: BTreeMap<PathBuf, FileMeta>,
     pub fds: BTreeMap<i32, PathBuf>,
-    /// Every entry of the shared fixture rootfs (paths, sizes, modes, mtimes).
+    /// Every entry of the built (shared) fixture rootfs (paths, sizes, modes, mtimes).
     pub rootfs: BTreeMap<PathBuf, FileMeta>,
+    /// Every entry of each backend's private rootfs copy in this process, by backend (see
+    /// [`crate::roots`]).
+    pub copies: BTreeMap<String, BTreeMap<PathBuf, FileMeta>>,
 }
 
 impl Snapshot {
@@ -180,12 +185,16 @@ impl Snapshot {
             };
             walk_files(&r, depth, &mut files, &skip);
         }
-        let mut rootfs = BTreeMap::new();
-        if let Some(r) = crate::harness::fixtures_rootfs().filter(|r| r.is_dir()) {
-            walk_files(&r, 64, &mut rootfs, &BTreeSet::new());
-        }
+        let rootfs = crate::harness::fixtures_rootfs()
+            .map(|r| walk_tree(&r))
+            .unwrap_or_default();
+        let copies = crate::roots::all()
+            .into_iter()
+            .map(|(b, c)| (b, walk_tree(&c.root)))
+            .collect();
         Snapshot {
             rootfs,
+            copies,
             at: now_ticks(),
             procs,
             cgroups: cgroup_dirs(),
@@ -267,85 +276,6 @@ pub fn record(line: &serde_json::Value) {
             "cellcheck: cannot append to audit file {}: {e}",
             path.display()
         );
-    }
-}
-
-/// What changed in the shared rootfs between two snapshots: added, removed, changed entries (a
-/// directory whose only change is the mtime an added or removed child gave it is left out).
-pub fn rootfs_diff(before: &Snapshot, after: &Snapshot) -> Vec<(PathBuf, String)> {
-    let moved = |p: &PathBuf| {
-        after.rootfs.keys().chain(before.rootfs.keys()).any(|c| {
-            c.parent() == Some(p.as_path())
-                && before.rootfs.contains_key(c) != after.rootfs.contains_key(c)
-        })
-    };
-    let mut out = Vec::new();
-    for (p, m) in &after.rootfs {
-        match before.rootfs.get(p) {
-            None => out.push((p.clone(), format!("{} added", p.display()))),
-            Some(b) if b != m => {
-                let dir = m.mode & 0o170000 == 0o040000;
-                let only_mtime = b.size == m.size && b.mode == m.mode;
-                if !(dir && only_mtime && moved(p)) {
-                    out.push((
-                        p.clone(),
-                        format!(
-                            "{} changed (size {} -> {}, mode {:o} -> {:o})",
-                            p.display(),
-                            b.size,
-                            m.size,
-                            b.mode,
-                            m.mode
-                        ),
-                    ))
-                }
-            }
-            Some(_) => {}
-        }
-    }
-    for p in before.rootfs.keys() {
-        if !after.rootfs.contains_key(p) {
-            out.push((p.clone(), format!("{} removed", p.display())));
-        }
-    }
-    out
-}
-
-/// Rootfs changes of the window. A change whose path mentions a cell is that cell's trial's and
-/// fails its backend. Any other change is reported as a warning naming the backends whose cells
-/// were live meanwhile (this window's, and other harness processes' per the ledger), never as a
-/// failure: the rootfs is shared by every backend of the run, and a cell of another process may
-/// have lived and died inside this window without any record left to tell.
-fn rootfs_changes(
-    before: &Snapshot,
-    after: &Snapshot,
-    trials: &[TrialRec],
-    others: &BTreeSet<String>,
-    rep: &mut WindowReport,
-) {
-    let mut suspects: BTreeSet<&str> = rep.backends.iter().map(String::as_str).collect();
-    suspects.extend(others.iter().map(String::as_str));
-    let suspects: Vec<&str> = suspects.into_iter().collect();
-    for (p, what) in rootfs_diff(before, after) {
-        let l = Leftover::Rootfs(what);
-        let owner = trials.iter().find_map(|t| {
-            t.cells
-                .iter()
-                .find(|c| c.mentioned_in(&p.to_string_lossy()).is_some())
-                .map(|c| (t, c))
-        });
-        match owner {
-            Some((t, c)) => rep
-                .leftovers
-                .entry(t.backend.clone())
-                .or_default()
-                .push(format!("{l} (cell {}, trial {})", c.cell, t.name)),
-            None => rep.warnings.push(format!(
-                "{l}: a cell wrote into the shared rootfs while cells of {} were live \
-                 (which one cannot be told from here)",
-                suspects.join(", ")
-            )),
-        }
     }
 }
 

@@ -97,7 +97,7 @@ impl fmt::Display for Leftover {
             Leftover::Secret { path } => {
                 write!(f, "file {} holds a declared secret", path.display())
             }
-            Leftover::Rootfs(c) => write!(f, "shared rootfs changed: {c}"),
+            Leftover::Rootfs(c) => write!(f, "rootfs changed: {c}"),
         }
     }
 }

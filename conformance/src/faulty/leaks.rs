@@ -168,10 +168,21 @@ impl FaultyBackend {
                 }
             }
             Fault::WriteSharedRootfs => {
-                if let Some(root) = crate::harness::fixtures_rootfs() {
+                if let Some(root) = crate::roots::given(&self.name) {
                     let f = root.join(format!("faulty-{id}"));
                     std::fs::write(&f, b"x")?;
                     made.push(Made::Path(f));
+                }
+            }
+            Fault::CreateMissingCwd => {
+                if let Some(root) = crate::roots::given(&self.name) {
+                    let d = root.join("work");
+                    match std::fs::create_dir(&d) {
+                        Ok(()) => made.push(Made::Path(d)),
+                        // A second cell of the trial finds it made already.
+                        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                        Err(e) => return Err(e.into()),
+                    }
                 }
             }
             _ => {}

@@ -53,8 +53,11 @@ pub enum Fault {
     LateKill,
     /// Create writes the declared secrets into a file whose name says nothing of the cell.
     SecretToFile,
-    /// Create writes a file into the shared fixture rootfs.
+    /// Create writes a file named after the cell into the rootfs the backend was given.
     WriteSharedRootfs,
+    /// Create makes `/work` in the rootfs the backend was given, as a runtime creating a missing
+    /// working directory before it makes the root read-only: a path that names no cell.
+    CreateMissingCwd,
     /// Admission too strict: ids over 64 bytes and non-ASCII argv or env values are refused.
     AdmissionTooStrict,
     /// Admission too lax: a timeout over the TTL, a zero TTL or a duplicate env name is "repaired"

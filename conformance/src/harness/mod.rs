@@ -213,6 +213,12 @@ impl Ctx {
         &*self.inner.backend
     }
 
+    /// The rootfs this backend was given: its private copy (see [`crate::roots`]), or `None`
+    /// when it was built without fixtures.
+    pub fn rootfs(&self) -> Option<PathBuf> {
+        crate::roots::given(self.inner.backend.name())
+    }
+
     pub fn backend_arc(&self) -> Arc<dyn Backend> {
         self.inner.backend.clone()
     }

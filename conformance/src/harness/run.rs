@@ -270,7 +270,7 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
     }
 }
 
-/// The fixture root, for scenarios that check a workload did not write into a shared root.
+/// The built fixture root the backends' private copies are made from.
 pub fn fixtures_rootfs() -> Option<PathBuf> {
     Some(cellcheck_fixtures::fixtures_dir().join("rootfs"))
 }

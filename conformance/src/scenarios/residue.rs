@@ -215,7 +215,8 @@ async fn tmp_file(ctx: Ctx) -> Result<(), Failure> {
     if host_tmp.exists() {
         hits.push(host_tmp.display().to_string());
     }
-    if let Some(root) = fixtures_rootfs() {
+    // The root the backend was given, and the built one it was copied from.
+    for root in ctx.rootfs().into_iter().chain(fixtures_rootfs()) {
         let p = root.join("tmp").join(&name);
         if p.exists() {
             hits.push(p.display().to_string());

@@ -278,11 +278,15 @@ impl Suite {
             // error fails them all (with the error) rather than skipping them.
             let backend: Result<Arc<dyn Backend>, String> = match &fx {
                 Err(e) => Err(format!("fixture build failed: {e}")),
-                Ok(fx) => Ok(match (factory, plain) {
-                    (_, Some(b)) => b,
-                    (Factory::WithFixtures { f, .. }, None) => f(fx),
-                    (Factory::Plain(f), None) => f(),
-                }),
+                // A backend built from the fixtures gets its own copy of the rootfs, so a
+                // change in it is its own (see `roots`).
+                Ok(fx) => match (factory, plain) {
+                    (_, Some(b)) => Ok(b),
+                    (Factory::WithFixtures { f, .. }, None) => {
+                        crate::roots::fixtures_for(&name, fx).map(|fx| f(&fx))
+                    }
+                    (Factory::Plain(f), None) => Ok(f()),
+                },
             };
             let mut gate = None;
             let availability = match &backend {
@@ -476,12 +480,14 @@ pub fn check_selection(selection: Option<&str>, known: &[String]) -> Result<(), 
 }
 
 /// Reconcile what dead harnesses left (see [`crate::ledger`]), before any trial runs: through
-/// the backends of this run where the name matches, by record otherwise. Each recovered cell is
+/// the backends of this run where the name matches, by record otherwise; then the rootfs copies
+/// of dead harnesses (see [`crate::roots`]). Each recovered cell is
 /// printed and recorded as an audit line of kind `recovered`.
 fn recover_from_ledger(built: &[Arc<dyn Backend>]) {
-    let found = crate::ledger::reconcile(&crate::ledger::dir(), &|name| {
+    let mut found = crate::ledger::reconcile(&crate::ledger::dir(), &|name| {
         built.iter().find(|b| b.name() == name).cloned()
     });
+    found.extend(crate::roots::reconcile(&crate::roots::dir()));
     for r in found {
         if r.removed.is_empty() && r.errors.is_empty() {
             continue;

@@ -33,7 +33,7 @@ impl Report {
 }
 
 fn recovered_line(r: &Recovered) -> String {
-    let mut s = format!("recovered cell {} (left by run {})", r.cell, r.run);
+    let mut s = format!("recovered {} (left by run {})", r.what(), r.run);
     if r.removed.is_empty() && r.errors.is_empty() {
         s.push_str(": nothing of it was left");
     }
