@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cellcheck_conformance::audit::{self, Needles};
-use cellcheck_conformance::{ids, ledger, Ctx, Suite};
+use cellcheck_conformance::{ids, ledger, roots, Ctx, Suite};
 use cellcheck_contract::{Availability, Backend, Capability};
 use libtest_mimic::{Arguments, Failed, Trial};
 use serde::{Deserialize, Serialize};
@@ -48,7 +48,9 @@ fn hold() -> ExitCode {
     ids::canary();
     let fx = cellcheck_fixtures::ensure().expect("fixtures");
     let rt = tokio::runtime::Runtime::new().expect("runtime");
-    for b in [host(&fx), runc(&fx)] {
+    // Each in its private rootfs copy, as the suite builds them: the kill leaves the copies too.
+    let fx_for = |name| roots::fixtures_for(name, &fx).expect("a private rootfs copy");
+    for b in [host(&fx_for("host")), runc(&fx_for("runc"))] {
         if let Availability::Unavailable { reason } = rt.block_on(b.preflight()) {
             eprintln!("{} unavailable: {reason}", b.name());
             return ExitCode::FAILURE;
@@ -158,6 +160,13 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
         .stderr(Stdio::inherit())
         .spawn()
         .map_err(|e| format!("spawn hold: {e}"))?;
+    // Where the holding run's rootfs copies are: named by its pid and start time.
+    let owner = format!(
+        "{}-{}",
+        child.id(),
+        audit::start_time(child.id()).unwrap_or_default()
+    );
+    let copies = roots::dir().join(&owner);
     let (tx, rx) = std::sync::mpsc::channel();
     let out = child.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -194,6 +203,11 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
                 "{entries} ledger entries for {} live cells",
                 held.len()
             ));
+        }
+        for b in ["host", "runc"] {
+            if !copies.join(b).join("bin/busybox").is_file() {
+                return Err(format!("no rootfs copy of {b} in {}", copies.display()));
+            }
         }
         child.kill().map_err(|e| format!("SIGKILL: {e}"))?;
         child.wait().map_err(|e| e.to_string())?;
@@ -246,6 +260,17 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
                 problems.push(format!("no `recovered` audit line for {}", h.id));
             }
         }
+        // The killed run's rootfs copies: removed by the rerun's start, and said.
+        for b in ["host", "runc"] {
+            let said =
+                format!("recovered the private rootfs copy of backend {b} (left by run {owner})");
+            if !stderr.contains(&said) {
+                problems.push(format!("the console does not say {said:?}"));
+            }
+        }
+        if copies.exists() {
+            problems.push(format!("{} left after recovery", copies.display()));
+        }
         for h in &held {
             let after = remains(h);
             if !after.is_empty() {
@@ -274,6 +299,7 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
     // Whatever happened, leave nothing behind.
     let _ = child.kill();
     let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&copies);
     for r in ledger::reconcile(&ledger_dir, &|_| None) {
         if !r.removed.is_empty() {
             eprintln!("test cleanup: {}", ledger::describe(&r));
