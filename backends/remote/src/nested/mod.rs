@@ -15,7 +15,8 @@
 //! The outer workload is `cellcheck-driver --connect /run/nest/sock/<outer>.sock host ...`: the
 //! host backend gives a cell capture files, not a channel, so the driver *connects out* to a unix
 //! socket we listen on in the bound directory (path sockets work across mount and network
-//! namespaces). The inner backend keeps its state in `/run/nest/state/<outer>`, so its files are
+//! namespaces). Outer and inner cells alike run in the rootfs the backend was given (the suite's
+//! private copy sits inside the fixtures dir, so the inner cells reach it through the bind). The inner backend keeps its state in `/run/nest/state/<outer>`, so its files are
 //! visible on the host, and its cgroups land in the real hierarchy next to the outer cell's.
 //!
 //! # Seeing through both layers
@@ -165,6 +166,11 @@ struct Inner {
     /// Host side of `/run/nest`.
     root: PathBuf,
     driver: PathBuf,
+    /// The root of the inner cells, as the outer cell sees it: the rootfs this backend was given
+    /// (the suite's private copy lives in the fixtures dir too), reached through the fixtures bind.
+    rootfs_in_cell: PathBuf,
+    /// The static driver, as the outer cell sees it.
+    driver_in_cell: PathBuf,
     outer: Option<HostBackend>,
     caps: Capabilities,
     opts: RemoteOptions,
@@ -229,12 +235,20 @@ impl NestedBackend {
         ];
         let outer = HostBackend::new(cfg);
         let caps = Self::inner_caps(&instance);
+        // Both through the fixtures bind (the suite's rootfs copies live in the fixtures dir).
+        let in_cell = |p: &Path, or: &str| {
+            Path::new(FIXTURES_IN_CELL).join(p.strip_prefix(&fx.dir).unwrap_or(Path::new(or)))
+        };
+        let rootfs_in_cell = in_cell(&fx.rootfs, "rootfs");
+        let driver_in_cell = in_cell(&driver, "bin/cellcheck-driver");
         NestedBackend {
             inner: Arc::new(Inner {
                 name: "nested".into(),
                 instance,
                 root,
                 driver,
+                rootfs_in_cell,
+                driver_in_cell,
                 outer: Some(outer),
                 caps,
                 opts,
@@ -334,19 +348,9 @@ impl NestedBackend {
         let _ = fs::remove_file(&sock);
         let listener = tokio::net::UnixListener::bind(&sock)
             .map_err(|e| CellError::failure(format!("listen on {}: {e}", sock.display())))?;
-        let driver_in_cell = Path::new(FIXTURES_IN_CELL).join(
-            self.inner
-                .driver
-                .strip_prefix(
-                    self.outer()
-                        .config()
-                        .rootfs
-                        .parent()
-                        .unwrap_or(Path::new("/")),
-                )
-                .unwrap_or(Path::new("bin/cellcheck-driver")),
-        );
-        let inner_cfg = inner_config(outer_id);
+        let driver_in_cell = &self.inner.driver_in_cell;
+        let mut inner_cfg = inner_config(outer_id);
+        inner_cfg.rootfs = self.inner.rootfs_in_cell.clone();
         let doc = CellDocument::new(
             outer_id,
             [
