@@ -15,6 +15,9 @@ pub enum ResourceKind {
     /// The workload's program (`run.argv[0]`) does not exist or is not executable in the cell's root.
     Program,
     Image,
+    /// The workload's working directory (`run.workingDirectory`) is not a directory in the cell's
+    /// root. Create fails with it before the workload starts, and must not make the directory.
+    WorkingDirectory,
 }
 
 impl fmt::Display for ResourceKind {
@@ -24,6 +27,7 @@ impl fmt::Display for ResourceKind {
             ResourceKind::Snapshot => "snapshot",
             ResourceKind::Program => "program",
             ResourceKind::Image => "image",
+            ResourceKind::WorkingDirectory => "working directory",
         })
     }
 }

@@ -14,6 +14,10 @@
 //!   and its stdio is owned by the backend (never the caller's own).
 //! - A program missing from the cell's root is reported by `create` as
 //!   [`CellError::NotFound`] with [`ResourceKind::Program`], and nothing is left behind.
+//! - A `run.workingDirectory` the cell's root does not have is reported by `create` as
+//!   [`CellError::NotFound`] with [`ResourceKind::WorkingDirectory`] (the path as its id): nothing
+//!   is left behind and the root is not written (the directory is never created in it). Admission
+//!   cannot see the root, so this is an error of create, like a missing program.
 //! - `run.timeoutMs` passing makes [`Backend::wait`] return [`CellError::DeadlineExceeded`]; the
 //!   workload is killed, the cell stays listed until destroyed. `lifetime.ttlSeconds` passing
 //!   makes the backend destroy the cell itself (a later destroy is `NotFound`).

@@ -39,7 +39,9 @@ pub struct CellSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RunSpec {
     pub argv: Vec<String>,
-    /// Absolute path inside the cell; `/` when absent.
+    /// Absolute path inside the cell; `/` when absent. It must exist in the cell's root: a missing
+    /// one fails `create` with [`CellError::NotFound`] of kind
+    /// [`crate::ResourceKind::WorkingDirectory`], and is never created in the root.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_directory: Option<String>,
     /// The declared env: the workload gets exactly these pairs, in this order, and nothing else.

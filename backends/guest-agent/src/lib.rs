@@ -137,6 +137,8 @@ pub enum ErrorKind {
     UnsupportedVersion,
     /// `argv[0]` does not exist or cannot be executed in the guest.
     ProgramNotFound,
+    /// The working directory does not exist (or is not a directory) in the guest's root.
+    WorkingDirectoryNotFound,
     NoSuchJob,
     /// E.g. a second `run`, or `forget` of a running job.
     InvalidState,

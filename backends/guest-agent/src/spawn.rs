@@ -281,6 +281,10 @@ pub(super) fn spawn(
                 err(ErrorKind::ProgramNotFound, format!("{}: {e}", argv[0]))
             }
             (1, _) => err(ErrorKind::Io, format!("join cell cgroup: {e}")),
+            (3, libc::ENOENT | libc::ENOTDIR | libc::ELOOP) => err(
+                ErrorKind::WorkingDirectoryNotFound,
+                format!("chdir {cwd}: {e}"),
+            ),
             (3, _) => err(ErrorKind::Io, format!("chdir {cwd}: {e}")),
             (5, _) => err(ErrorKind::Io, format!("cell namespaces: {e}")),
             (6, _) => err(ErrorKind::Io, format!("fork the workload: {e}")),

@@ -209,10 +209,12 @@ fn start_failure(cell: &AdmittedCell, step: &str, errno: i32, message: &str) -> 
                 id: cell.argv()[0].clone(),
             }
         }
-        "cwd" => CellError::invalid(
-            "spec.run.workingDirectory",
-            format!("not usable in the cell's root: {message}"),
-        ),
+        "cwd" if [libc::ENOENT, libc::ENOTDIR, libc::ELOOP].contains(&errno) => {
+            CellError::NotFound {
+                kind: ResourceKind::WorkingDirectory,
+                id: cell.working_directory().to_string(),
+            }
+        }
         _ => failure(format!("init {step}: {message}")),
     }
 }

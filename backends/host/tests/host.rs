@@ -88,8 +88,11 @@ async fn bad_documents_are_refused_before_anything_exists() {
     let mut d = CellDocument::new("cwd", ["/bin/true"]);
     d.spec.run.working_directory = Some("/does/not/exist".into());
     match b.create(&d).await {
-        Err(CellError::InvalidSpec { field, .. }) => assert_eq!(field, "spec.run.workingDirectory"),
-        other => panic!("expected invalid cwd, got {other:?}"),
+        Err(CellError::NotFound {
+            kind: ResourceKind::WorkingDirectory,
+            id,
+        }) => assert_eq!(id, "/does/not/exist"),
+        other => panic!("expected NotFound(working directory), got {other:?}"),
     }
     assert_clean(&b.footprint("cwd"));
     assert!(!b.config().state_root.exists());

@@ -255,6 +255,11 @@ impl Inner {
                 kind: ResourceKind::Program,
                 id: argv0.clone(),
             }
+        } else if runtime::is_missing_cwd(msg, cell.working_directory()) {
+            CellError::NotFound {
+                kind: ResourceKind::WorkingDirectory,
+                id: cell.working_directory().to_string(),
+            }
         } else {
             failure(&format!("{} {op}", self.kind.name()), msg)
         }

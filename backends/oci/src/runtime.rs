@@ -435,6 +435,17 @@ pub fn is_missing_program(msg: &str, argv0: &str) -> bool {
             || m.contains("exec format error"))
 }
 
+/// Whether a runtime's message says the working directory `cwd` is missing from the root.
+///
+/// `chdir to cwd ("/x") set in config.json failed: no such file or directory`, from runc and crun
+/// releases that did not yet create a missing cwd; runc, crun (since 2022) and runsc create it
+/// instead of failing, which the suite shows as their known failure.
+pub fn is_missing_cwd(msg: &str, cwd: &str) -> bool {
+    let m = msg.to_ascii_lowercase();
+    msg.contains(&format!("chdir to cwd (\"{cwd}\")"))
+        && (m.contains("no such file or directory") || m.contains("not a directory"))
+}
+
 /// A raw `waitpid` status as a [`Termination`].
 pub fn termination(status: i32) -> Termination {
     if libc::WIFSIGNALED(status) {
@@ -515,6 +526,9 @@ mod tests {
         assert!(is_missing_program(crun, "/bin/nope"));
         let cwd = r#"chdir to cwd ("/nope") set in config.json failed: no such file or directory"#;
         assert!(!is_missing_program(cwd, "/bin/true"));
+        assert!(is_missing_cwd(cwd, "/nope"));
+        assert!(!is_missing_cwd(cwd, "/no"));
+        assert!(!is_missing_cwd(crun, "/bin/nope"));
     }
 
     #[test]

@@ -78,6 +78,13 @@ pub(crate) async fn start_workload(vm: &Vm, doc: &AdmittedCell) -> Result<(), Ce
     };
     match vm.agent_request(op, Instant::now() + REQUEST_BOUND).await? {
         ReplyBody::Started { .. } => Ok(()),
+        ReplyBody::Error {
+            kind: ErrorKind::WorkingDirectoryNotFound,
+            ..
+        } => Err(CellError::NotFound {
+            kind: ResourceKind::WorkingDirectory,
+            id: doc.working_directory().to_string(),
+        }),
         other => Err(agent_error(other, &doc.argv()[0])),
     }
 }
