@@ -52,6 +52,9 @@ impl Backend for FaultyBackend {
         if self.fault == Fault::AdmissionTooStrict {
             Self::too_strict(doc)?;
         }
+        if self.fault == Fault::MakeMissingCwd {
+            self.make_missing_cwd(doc)?;
+        }
         let mut h = self.inner.create(&self.wrap(doc)).await?;
         if self.fault == Fault::WrongHostPid {
             h.host_pid = h.host_pid.and_then(parent_of);

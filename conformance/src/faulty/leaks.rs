@@ -190,3 +190,22 @@ impl FaultyBackend {
         Ok(())
     }
 }
+
+impl FaultyBackend {
+    /// Where the declared working directory would be in the rootfs the backend was given, when
+    /// that rootfs lacks it.
+    pub(super) fn missing_cwd(&self, doc: &CellDocument) -> Option<PathBuf> {
+        let wd = doc.spec.run.working_directory.as_deref()?;
+        let p = crate::roots::given(&self.name)?.join(wd.trim_start_matches('/'));
+        (!p.is_dir()).then_some(p)
+    }
+
+    /// [`Fault::MakeMissingCwd`]: make the missing working directory in the root before create.
+    pub(super) fn make_missing_cwd(&self, doc: &CellDocument) -> std::io::Result<()> {
+        if let Some(p) = self.missing_cwd(doc) {
+            std::fs::create_dir_all(&p)?;
+            self.made.lock().unwrap().push(Made::Path(p));
+        }
+        Ok(())
+    }
+}

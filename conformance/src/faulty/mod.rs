@@ -96,6 +96,12 @@ pub enum Fault {
     PauseNoop,
     /// `run.workingDirectory` is dropped: every workload starts at `/`.
     IgnoreWorkingDirectory,
+    /// A `run.workingDirectory` the root lacks is dropped: that workload starts at `/` instead of
+    /// create failing (a declared directory the root has is kept).
+    MissingCwdStartsAtRoot,
+    /// A `run.workingDirectory` the root lacks is made in the rootfs the backend was given before
+    /// the cell starts, as runc and runsc do: create succeeds and the root is written.
+    MakeMissingCwd,
     /// `capabilities()` drops Snapshot on every other call.
     CapabilitiesUnstable,
     /// Pause is declared unsupported, and calling it is an untyped backend failure.

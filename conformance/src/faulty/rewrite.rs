@@ -50,6 +50,9 @@ impl FaultyBackend {
             }
             Fault::TimeoutOnlyWhileWaiting => d.spec.run.timeout_ms = None,
             Fault::IgnoreWorkingDirectory => d.spec.run.working_directory = None,
+            Fault::MissingCwdStartsAtRoot if self.missing_cwd(doc).is_some() => {
+                d.spec.run.working_directory = None
+            }
             Fault::TtlDroppedWithTimeout if d.spec.run.timeout_ms.is_some() => {
                 d.spec.lifetime = None
             }

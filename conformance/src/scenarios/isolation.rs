@@ -1,7 +1,7 @@
 //! What the workload can see of the host: env, fds, stdio, pids, hostname, network, secrets.
 
 use cellcheck_contract::spec::MAX_HOSTNAME_LEN as HOSTNAME_MAX;
-use cellcheck_contract::{CellDocument, Termination};
+use cellcheck_contract::{CellDocument, CellError, ResourceKind, Termination};
 
 use crate::harness::{sentinels, Ctx, Failure, Scenario};
 use crate::ids::{canary, random_token};
@@ -22,6 +22,12 @@ pub fn scenarios() -> Vec<Scenario> {
         scenario!(F, "hostname", [Hostname], hostname),
         scenario!(F, "hostname_long_id", [Hostname], hostname_long_id),
         scenario!(F, "working_directory", [], working_directory),
+        scenario!(
+            F,
+            "missing_working_directory",
+            [],
+            missing_working_directory
+        ),
         scenario!(F, "netifs", [NetworkIsolation], netifs),
         scenario!(F, "secret_hygiene", [], secret_hygiene),
     ]
@@ -307,6 +313,48 @@ async fn working_directory(ctx: Ctx) -> Result<(), Failure> {
         );
     }
     Ok(())
+}
+
+/// A `run.workingDirectory` the root lacks fails create with `NotFound(working directory)`,
+/// leaves nothing and is not made in the root (a runtime creating it would write the root).
+async fn missing_working_directory(ctx: Ctx) -> Result<(), Failure> {
+    // A random name: no other trial's cell can have made it.
+    let wd = format!("/cc-missing-{}", random_token(12));
+    ctx.step(format!("create `exit 0` with workingDirectory {wd:?}"));
+    let id = ctx.new_id();
+    let mut doc = ctx.doc_for(&id, &["exit", "0"]);
+    doc.spec.run.working_directory = Some(wd.clone());
+    let created = ctx.try_create(&doc).await;
+    if created.is_ok() {
+        ctx.destroy(&id).await?;
+    }
+    let in_root = ctx
+        .rootfs()
+        .map(|r| r.join(&wd[1..]))
+        .filter(|p| p.exists());
+    let made = match &in_root {
+        Some(p) => format!("; the directory was made in the root ({})", p.display()),
+        None => String::new(),
+    };
+    match &created {
+        Err(CellError::NotFound {
+            kind: ResourceKind::WorkingDirectory,
+            id: got,
+        }) if *got == wd => {}
+        other => {
+            return Err(ctx.fail(format!(
+                "expected NotFound(working directory {wd:?}), got {other:?}{made}"
+            )))
+        }
+    }
+    ctx.step("nothing left behind, the root not written");
+    check!(
+        ctx,
+        !ctx.backend().list().await.contains(&id),
+        "the failed cell is listed"
+    );
+    check!(ctx, in_root.is_none(), "create failed{made}");
+    ctx.assert_clean(&id).await
 }
 
 async fn netifs(ctx: Ctx) -> Result<(), Failure> {
