@@ -30,6 +30,10 @@ pub struct WindowLine {
     /// What the audit added to the closing trial (snapshots and comparisons).
     #[serde(default)]
     pub audit_ms: u64,
+    /// The trial's own residue checks (after each destroy and in `assert_clean`), inside
+    /// `trial_ms` and apart from `audit_ms`.
+    #[serde(default)]
+    pub check_ms: u64,
     #[serde(default)]
     pub trial_ms: u64,
 }
@@ -83,8 +87,11 @@ pub struct BackendAudit {
     pub recovered: Vec<Recovered>,
     /// What was seen but not pinned on the backend (printed, never failed).
     pub warnings: Vec<String>,
-    /// Summed over the windows: the audit's share and the trials' whole time.
+    /// Summed over the windows: the audit's share, the trials' own residue checks and the
+    /// trials' whole time.
     pub audit_ms: u64,
+    #[serde(default)]
+    pub check_ms: u64,
     pub trial_ms: u64,
 }
 
@@ -120,6 +127,7 @@ pub fn per_backend(lines: &[AuditLine]) -> Vec<BackendAudit> {
                 let a = of(&mut by, &w.backend);
                 a.windows += 1;
                 a.audit_ms += w.audit_ms;
+                a.check_ms += w.check_ms;
                 a.trial_ms += w.trial_ms;
                 a.leftovers
                     .extend(w.leftovers.iter().map(|what| FoundLeftover {
@@ -151,6 +159,7 @@ pub fn merge(parts: impl IntoIterator<Item = BackendAudit>) -> Vec<BackendAudit>
         });
         a.windows += p.windows;
         a.audit_ms += p.audit_ms;
+        a.check_ms += p.check_ms;
         a.trial_ms += p.trial_ms;
         a.leftovers.extend(p.leftovers);
         a.recovered.extend(p.recovered);
@@ -179,6 +188,7 @@ mod tests {
             leftovers: leftovers.iter().map(|s| s.to_string()).collect(),
             warnings: Vec::new(),
             audit_ms: 3,
+            check_ms: 1,
             trial_ms: 10,
         })
     }

@@ -26,6 +26,7 @@ impl Ctx {
     /// Fail unless nothing of cell `id` remains on the host (after its destroy or failed create).
     pub async fn assert_clean(&self, id: &str) -> Result<(), Failure> {
         self.step(format!("residue check of {id}"));
+        let t = Instant::now();
         let recs: Vec<CellRec> = self
             .st()
             .cells
@@ -35,6 +36,7 @@ impl Ctx {
             .collect();
         // Fds are checked per trial against the fds open before it; here only the rest.
         let (reports, _) = self.leftovers(&recs, None, None).await;
+        self.st().checks += t.elapsed();
         match reports.into_iter().next() {
             Some((_, text)) => Err(self.fail(text)),
             None => Ok(()),

@@ -167,6 +167,9 @@ struct State {
     violations: Vec<String>,
     /// Whether the scenario released cells it had checked clean itself ([`Ctx::release_clean`]).
     released: bool,
+    /// Time spent in the scenario's own residue checks (after each destroy, `assert_clean`): host
+    /// audit work done inside the trial, told apart so the audit's whole cost can be reported.
+    checks: Duration,
 }
 
 struct Inner {
@@ -525,6 +528,7 @@ impl Ctx {
     /// with no grace period. Processes that another live cell of this trial claims by its own
     /// id or pid (a restored copy still carries the source cell's marker) are not this cell's.
     fn check_gone(&self, id: &str) {
+        let t = Instant::now();
         let others = self.other_live_needles(&[id]);
         let mut seen = Vec::new();
         for n in self.needles_of_id(id) {
@@ -538,8 +542,8 @@ impl Ctx {
                 ));
             }
         }
-        if !seen.is_empty() {
-            self.st().violations.extend(seen);
-        }
+        let mut st = self.st();
+        st.violations.extend(seen);
+        st.checks += t.elapsed();
     }
 }

@@ -202,6 +202,7 @@ pub async fn run_scenario_async(backend: Arc<dyn Backend>, sc: Scenario) -> RunR
                 leftovers: w.leftovers.get(b).cloned().unwrap_or_default(),
                 warnings: w.warnings.clone(),
                 audit_ms: audit_time.as_millis() as u64,
+                check_ms: ctx.st().checks.as_millis() as u64,
                 trial_ms: start.elapsed().as_millis() as u64,
             })
             .record();

@@ -348,6 +348,7 @@ pub(crate) mod fixture {
                 leftovers: Vec::new(),
                 warnings: Vec::new(),
                 audit_ms: 4,
+                check_ms: 1,
                 trial_ms: 12,
             }),
             AuditLine::Window(WindowLine {
@@ -359,6 +360,7 @@ pub(crate) mod fixture {
                     .into()],
                 warnings: Vec::new(),
                 audit_ms: 30,
+                check_ms: 5,
                 trial_ms: 310,
             }),
             AuditLine::Recovered(cellcheck_conformance::ledger::Recovered {
