@@ -196,22 +196,49 @@ pub fn parse_mountinfo_line(line: &str) -> Option<(&str, &str)> {
     Some((mount_point, source))
 }
 
-/// Everything of `scope` still on the host. `fds_before` is [`own_fds`] taken before the scenario.
-pub fn scan(scope: &Scope, fds_before: &BTreeMap<i32, PathBuf>) -> Vec<Leak> {
-    scan_procs(scope, fds_before, processes())
+/// What [`scan_in`] reads of the host, read once for any number of scopes.
+pub struct HostView {
+    pub procs: Vec<ProcInfo>,
+    pub fds: BTreeMap<i32, PathBuf>,
+    pub mountinfo: String,
 }
 
-/// [`scan`] over a process list already read.
-pub fn scan_procs(
+impl HostView {
+    /// The host now.
+    pub fn read() -> Self {
+        Self::with_procs(processes())
+    }
+
+    /// The host now, with a process table already read.
+    pub fn with_procs(procs: Vec<ProcInfo>) -> Self {
+        HostView {
+            procs,
+            fds: own_fds(),
+            mountinfo: std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
+        }
+    }
+}
+
+/// Everything of `scope` still on the host. `fds_before` is [`own_fds`] taken before the scenario.
+pub fn scan(scope: &Scope, fds_before: &BTreeMap<i32, PathBuf>) -> Vec<Leak> {
+    let view = HostView::read();
+    scan_in(scope, fds_before, &view, &view.procs)
+}
+
+/// [`scan`] over a view of the host already read; only `procs` (some or all of the view's) are
+/// searched for the scope's markers, so a caller with many scopes may hand each one only the
+/// processes that mention one of its markers at all.
+pub fn scan_in<'a>(
     scope: &Scope,
     fds_before: &BTreeMap<i32, PathBuf>,
-    procs: Vec<ProcInfo>,
+    view: &HostView,
+    procs: impl IntoIterator<Item = &'a ProcInfo>,
 ) -> Vec<Leak> {
     let mut leaks = Vec::new();
     let fp = &scope.footprint;
-    let marked = procs.into_iter().filter_map(|p| {
-        process_marker(&p, &scope.env_markers, &fp.process_markers).map(|m| (p, m))
-    });
+    let marked = procs
+        .into_iter()
+        .filter_map(|p| process_marker(p, &scope.env_markers, &fp.process_markers).map(|m| (p, m)));
     for (p, marker) in marked {
         leaks.push(Leak::Process {
             pid: p.pid,
@@ -247,8 +274,7 @@ pub fn scan_procs(
         }
     }
     if !fp.mount_markers.is_empty() {
-        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-        for line in info.lines() {
+        for line in view.mountinfo.lines() {
             let Some((mp, src)) = parse_mountinfo_line(line) else {
                 continue;
             };
@@ -265,15 +291,18 @@ pub fn scan_procs(
         }
     }
     let roots: Vec<&PathBuf> = fp.paths.iter().chain(fp.cgroup_dirs.iter()).collect();
-    for (fd, target) in own_fds() {
-        if fds_before.get(&fd) == Some(&target) {
+    for (fd, target) in &view.fds {
+        if fds_before.get(fd) == Some(target) {
             continue;
         }
         let s = target.to_string_lossy();
         let in_footprint = roots.iter().any(|r| target.starts_with(r))
             || scope.env_markers.iter().any(|m| s.contains(m.as_str()));
         if in_footprint {
-            leaks.push(Leak::Fd { fd, target });
+            leaks.push(Leak::Fd {
+                fd: *fd,
+                target: target.clone(),
+            });
         }
     }
     leaks

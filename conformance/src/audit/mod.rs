@@ -39,11 +39,13 @@ use std::sync::Mutex;
 use crate::ids::MARKER_VAR;
 
 mod collect;
+mod index;
 mod lines;
 mod needles;
 mod rootfs;
 mod window;
 pub use collect::*;
+pub use index::*;
 pub use lines::*;
 pub use needles::*;
 pub use rootfs::*;

@@ -24,7 +24,7 @@ pub(super) fn contains(hay: &[u8], needle: &[u8]) -> bool {
 impl Needles {
     /// Strings a resource's name may mention: the id and the backend's markers. (Ids are validated
     /// `[A-Za-z0-9._-]` and carry the trial's random token, so a mention is never an accident.)
-    fn names(&self) -> impl Iterator<Item = &str> {
+    pub(super) fn names(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.cell.as_str())
             .chain(self.process_markers.iter().map(String::as_str))
             .filter(|s| s.len() >= 8)
@@ -102,34 +102,15 @@ impl fmt::Display for Leftover {
     }
 }
 
-/// Whether `path` (a file of at most [`SECRET_READ_MAX`] bytes) contains one of `secrets`.
-pub(super) fn file_holds(path: &Path, secrets: &[String]) -> bool {
-    use std::io::Read;
-    let Ok(f) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut buf = Vec::new();
-    if f.take(SECRET_READ_MAX).read_to_end(&mut buf).is_err() {
-        return false;
-    }
-    secrets.iter().any(|s| contains(&buf, s.as_bytes()))
-}
-
 /// Files of `after` that are new or changed since `before` and hold one of `secrets`.
 pub fn files_with_secrets(before: &Snapshot, after: &Snapshot, secrets: &[String]) -> Vec<PathBuf> {
-    if secrets.iter().all(|s| s.is_empty()) {
-        return Vec::new();
-    }
-    after
-        .files
-        .iter()
-        .filter(|(p, m)| {
-            m.mode & 0o170000 == 0o100000
-                && m.size > 0
-                && before.files.get(*p) != Some(*m)
-                && file_holds(p, secrets)
-        })
-        .map(|(p, _)| p.clone())
+    let cell = [Needles {
+        secrets: secrets.to_vec(),
+        ..Needles::default()
+    }];
+    files_with_secrets_of(&CellIndex::new(&cell), before, after)
+        .into_iter()
+        .map(|(p, _)| p)
         .collect()
 }
 
@@ -137,58 +118,73 @@ pub fn files_with_secrets(before: &Snapshot, after: &Snapshot, secrets: &[String
 /// `(cell, leftover)`. `before` is the snapshot taken when the trial started (for the secret
 /// search, which reads only files new or changed since then).
 pub fn scoped(cells: &[Needles], before: &Snapshot, after: &Snapshot) -> Vec<(String, Leftover)> {
-    let mut out = Vec::new();
+    scoped_by_index(&CellIndex::new(cells), before, after)
+        .into_iter()
+        .map(|(i, l)| (cells[i].cell.clone(), l))
+        .collect()
+}
+
+/// [`scoped`] with an index already built, as `(index of the cell, leftover)`: cell by cell, and
+/// per cell in the order processes, cgroup dirs, mounts, netns, loop devices, files, secrets.
+pub(super) fn scoped_by_index(
+    ix: &CellIndex,
+    before: &Snapshot,
+    after: &Snapshot,
+) -> Vec<(usize, Leftover)> {
+    let mut per: Vec<Vec<Leftover>> = vec![Vec::new(); ix.cells.len()];
     let me = std::process::id();
-    for c in cells {
-        let mut push = |l: Leftover| out.push((c.cell.clone(), l));
-        for p in after.procs.values() {
+    for p in after.procs.values() {
+        for i in ix.candidates(p) {
+            let c = &ix.cells[i];
             if p.state == 'Z' && p.ppid == me && c.host_pids.contains(&(p.pid, p.start)) {
-                push(Leftover::Zombie { pid: p.pid });
+                per[i].push(Leftover::Zombie { pid: p.pid });
             } else if p.runnable() {
                 if let Some(why) = c.process_reason(p) {
-                    push(Leftover::Process {
+                    per[i].push(Leftover::Process {
                         proc_: p.describe(),
                         why,
                     });
                 }
             }
         }
-        for d in &after.cgroups {
-            if c.mentioned_in(&d.to_string_lossy()).is_some() {
-                push(Leftover::CgroupDir(d.clone()));
-            }
-        }
-        for m in &after.mounts {
-            if c.mentioned_in(m).is_some() {
-                push(Leftover::Mount(m.clone()));
-            }
-        }
-        for n in &after.netns {
-            if c.mentioned_in(n).is_some() {
-                push(Leftover::Netns(n.clone()));
-            }
-        }
-        for l in &after.loops {
-            if c.mentioned_in(l).is_some() {
-                push(Leftover::Loop(l.clone()));
-            }
-        }
-        // Only the outermost path of a leftover tree: its contents add nothing.
-        let mut last: Option<&PathBuf> = None;
-        for p in after.files.keys() {
-            if last.is_some_and(|l| p.starts_with(l)) {
-                continue;
-            }
-            if c.mentioned_in(&p.to_string_lossy()).is_some() {
-                push(Leftover::File(p.clone()));
-                last = Some(p);
-            }
-        }
-        for p in files_with_secrets(before, after, &c.secrets) {
-            push(Leftover::Secret { path: p });
+    }
+    for d in &after.cgroups {
+        for i in ix.naming(&d.to_string_lossy()) {
+            per[i].push(Leftover::CgroupDir(d.clone()));
         }
     }
-    out
+    let named: [(&BTreeSet<String>, fn(String) -> Leftover); 3] = [
+        (&after.mounts, Leftover::Mount),
+        (&after.netns, Leftover::Netns),
+        (&after.loops, Leftover::Loop),
+    ];
+    for (set, what) in named {
+        for m in set {
+            for i in ix.naming(m) {
+                per[i].push(what(m.clone()));
+            }
+        }
+    }
+    // Only the outermost path of a leftover tree: its contents add nothing.
+    let mut last: Vec<Option<&PathBuf>> = vec![None; ix.cells.len()];
+    for p in after.files.keys() {
+        for i in ix.naming(&p.to_string_lossy()) {
+            if last[i].is_some_and(|l| p.starts_with(l)) {
+                continue;
+            }
+            per[i].push(Leftover::File(p.clone()));
+            last[i] = Some(p);
+        }
+    }
+    for (p, owners) in files_with_secrets_of(ix, before, after) {
+        for i in owners {
+            per[i].push(Leftover::Secret { path: p.clone() });
+        }
+    }
+    per.into_iter()
+        .enumerate()
+        .flat_map(|(i, v)| v.into_iter().map(move |l| (i, l)))
+        .collect()
 }
 
 /// Processes of cell `c` that can still run: what "destroy returned Ok" forbids.

@@ -144,3 +144,185 @@ fn stat_fields_agree_with_procfs() {
     assert_eq!((f.state, f.ppid, f.starttime), ('S', 7, 123456));
     assert!(stat_fields(b"garbage").is_none());
 }
+
+#[test]
+fn the_index_finds_every_needle_once_per_owner_and_never_across_haystacks() {
+    let ix = NeedleIndex::new([
+        (0, &b"cc-tok-"[..]),
+        (1, b"cc-tok-a1"),
+        (2, b"cc-tok-"),
+        (3, b""),
+    ]);
+    // One needle inside another: both owners; a needle shared by two owners: both.
+    assert_eq!(ix.owners(b"x cc-tok-a1 y"), BTreeSet::from([0, 1, 2]));
+    assert_eq!(ix.owners(b"cc-tok-b2"), BTreeSet::from([0, 2]));
+    // The empty needle matches nothing; no match spans two haystacks.
+    assert!(ix.owners(b"anything").is_empty());
+    let mut out = BTreeSet::new();
+    ix.owners_in(&[b"cc-to", b"k-a1"], &mut out);
+    assert!(out.is_empty(), "{out:?}");
+    assert!(NeedleIndex::new([]).owners(b"cc-tok-").is_empty());
+}
+
+/// The per-cell search the index replaced, written out: what `scoped` must still find.
+fn scoped_one_by_one(cells: &[Needles], before: &Snapshot, after: &Snapshot) -> Vec<String> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for c in cells {
+        for p in after.procs.values() {
+            if p.state == 'Z' && p.ppid == me && c.host_pids.contains(&(p.pid, p.start)) {
+                out.push(format!("{} {}", c.cell, Leftover::Zombie { pid: p.pid }));
+            } else if let Some(why) = c.process_reason(p).filter(|_| p.runnable()) {
+                let l = Leftover::Process {
+                    proc_: p.describe(),
+                    why,
+                };
+                out.push(format!("{} {l}", c.cell));
+            }
+        }
+        let named = after
+            .cgroups
+            .iter()
+            .map(|d| d.to_string_lossy().into_owned())
+            .chain(after.mounts.iter().cloned())
+            .chain(after.netns.iter().cloned())
+            .chain(after.loops.iter().cloned());
+        for n in named {
+            if c.mentioned_in(&n).is_some() {
+                out.push(format!("{} {n}", c.cell));
+            }
+        }
+        for p in after.files.keys() {
+            if c.mentioned_in(&p.to_string_lossy()).is_some() {
+                out.push(format!("{} {}", c.cell, p.display()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn scoped_with_many_cells_finds_what_each_cell_alone_finds() {
+    let me = std::process::id();
+    let tok = crate::ids::random_token(10);
+    let cells: Vec<Needles> = (0..12)
+        .map(|i| Needles {
+            cell: format!("cc-{tok}-cell-{i:02}"),
+            marker: format!("ccm-{tok}-{i:02}"),
+            secrets: vec![format!("secret-{tok}-{i}")],
+            process_markers: vec![format!("rt-{tok}-{i:02}")],
+            host_pids: vec![(900_000 + i, 7)],
+        })
+        .chain(std::iter::once(Needles {
+            // What a trial's released cells are looked for by: the prefix of every id.
+            cell: format!("cc-{tok}-"),
+            process_markers: vec![format!("ccm-{tok}-")],
+            ..Needles::default()
+        }))
+        .collect();
+    let mut after = Snapshot::default();
+    let mut add = |pid: u32, state: char, ppid: u32, cmdline: String, environ: String| {
+        after.procs.insert(
+            (pid, 7),
+            Proc {
+                pid,
+                start: 7,
+                ppid,
+                state,
+                cgroup: String::new(),
+                cmdline: cmdline.into_bytes(),
+                environ: environ.into_bytes(),
+            },
+        );
+    };
+    add(
+        800_001,
+        'S',
+        1,
+        format!("runc\0run\0rt-{tok}-03\0"),
+        String::new(),
+    );
+    add(
+        800_002,
+        'S',
+        1,
+        "sh\0".into(),
+        format!("{MARKER_VAR}=ccm-{tok}-04\0"),
+    );
+    add(
+        800_003,
+        'S',
+        1,
+        "probe\0".into(),
+        format!("X=secret-{tok}-5\0"),
+    );
+    add(
+        800_004,
+        'S',
+        1,
+        format!("x\0cc-{tok}-cell-06/y\0"),
+        String::new(),
+    );
+    add(900_007, 'Z', me, String::new(), String::new());
+    add(850_008, 'S', 1, "nothing\0".into(), "A=b\0".into());
+    add(
+        800_005,
+        'S',
+        1,
+        "other\0".into(),
+        "CELLCHECK_MARKER=ccm-elsewhere\0".into(),
+    );
+    after.procs.get_mut(&(800_005, 7)).unwrap().cgroup = format!("0::/cc-{tok}-cell-09");
+    after
+        .cgroups
+        .insert(format!("/sys/fs/cgroup/pids/cc-{tok}-cell-01").into());
+    after
+        .cgroups
+        .insert("/sys/fs/cgroup/pids/user.slice".into());
+    after.mounts.insert(format!(
+        "/run/x/cc-{tok}-cell-02/rootfs (source overlay, type overlay)"
+    ));
+    after.netns.insert(format!("cc-{tok}-cell-10"));
+    after
+        .loops
+        .insert(format!("/dev/loop3 backed by /tmp/rt-{tok}-11.img"));
+    let meta = FileMeta {
+        size: 1,
+        mode: 0o040755,
+        mtime_ns: 0,
+    };
+    after
+        .files
+        .insert(format!("/run/rt/cc-{tok}-cell-08").into(), meta);
+    after
+        .files
+        .insert(format!("/run/rt/cc-{tok}-cell-08/state.json").into(), meta);
+    after.files.insert("/run/rt/unrelated".into(), meta);
+    let mut found: Vec<String> = scoped(&cells, &Snapshot::default(), &after)
+        .into_iter()
+        .filter(|(_, l)| !matches!(l, Leftover::Secret { .. }))
+        .map(|(c, l)| match l {
+            Leftover::CgroupDir(p) | Leftover::File(p) => format!("{c} {}", p.display()),
+            Leftover::Mount(n) | Leftover::Netns(n) | Leftover::Loop(n) => format!("{c} {n}"),
+            l => format!("{c} {l}"),
+        })
+        .collect();
+    found.sort();
+    let mut expected = scoped_one_by_one(&cells, &Snapshot::default(), &after);
+    // The one-by-one search lists a leftover tree's contents too; scoped names its top only.
+    expected.retain(|e| !e.ends_with("state.json"));
+    assert_eq!(found, expected);
+    // Every kind was exercised, by the cell it names and by the trial's prefix.
+    for i in [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11] {
+        let c = format!("cc-{tok}-cell-{i:02} ");
+        assert!(
+            found.iter().any(|f| f.starts_with(&c)),
+            "cell {i}: {found:#?}"
+        );
+    }
+    assert!(!found
+        .iter()
+        .any(|f| f.contains("unrelated") || f.contains("user.slice")));
+    assert!(!found.iter().any(|f| f.contains("850008")));
+}

@@ -158,32 +158,43 @@ pub(super) fn diff_window(
         .iter()
         .flat_map(|t| t.cells.iter().map(move |c| (t, c)))
         .collect();
+    let needles: Vec<Needles> = all.iter().map(|(_, c)| (*c).clone()).collect();
+    let ix = CellIndex::new(&needles);
+    // Each cell's processes (by its reason or the host pid it reported), to claim them.
+    let mut owned: Vec<Vec<(u32, u64)>> = vec![Vec::new(); needles.len()];
+    for (k, p) in &after.procs {
+        for i in ix.candidates(p) {
+            if needles[i].process_reason(p).is_some() || needles[i].host_pids.contains(k) {
+                owned[i].push(*k);
+            }
+        }
+    }
     let mut claimed: BTreeSet<(u32, u64)> = BTreeSet::new();
-    for (t, c) in &all {
-        let own = reported
+    // A cell whose trial's own check already reported what mentions it (against this same
+    // snapshot) only claims its processes, so they are not blamed again below. A full search
+    // for it here would double the audit's cost of every trial.
+    let mut rest = Vec::new();
+    for (i, (_, c)) in all.iter().enumerate() {
+        if reported
             .iter()
-            .any(|r| r.cell == c.cell && r.marker == c.marker);
-        if own {
-            // Its trial's own check already reported what mentions it (against this same
-            // snapshot): only claim its processes, so they are not blamed again below. A full
-            // scoped search here would double the audit's cost of every trial.
-            for p in after.procs.values() {
-                if c.process_reason(p).is_some() || c.host_pids.contains(&(p.pid, p.start)) {
-                    claimed.insert((p.pid, p.start));
-                }
-            }
-            continue;
+            .any(|r| r.cell == c.cell && r.marker == c.marker)
+        {
+            claimed.extend(&owned[i]);
+        } else {
+            rest.push(i);
         }
-        for (cell, l) in scoped(std::slice::from_ref(*c), before, after) {
-            if let Leftover::Process { .. } | Leftover::Zombie { .. } = &l {
-                for p in after.procs.values() {
-                    if c.process_reason(p).is_some() || c.host_pids.contains(&(p.pid, p.start)) {
-                        claimed.insert((p.pid, p.start));
-                    }
-                }
-            }
-            add(&t.backend, format!("{l} (cell {cell}, trial {})", t.name));
+    }
+    let rest_needles: Vec<Needles> = rest.iter().map(|&i| needles[i].clone()).collect();
+    for (j, l) in scoped_by_index(&CellIndex::new(&rest_needles), before, after) {
+        let i = rest[j];
+        let (t, c) = all[i];
+        if let Leftover::Process { .. } | Leftover::Zombie { .. } = &l {
+            claimed.extend(&owned[i]);
         }
+        add(
+            &t.backend,
+            format!("{l} (cell {}, trial {})", c.cell, t.name),
+        );
     }
     // New processes of ours that mention no cell: descendants of this harness, and zombie
     // children. Attributed by start time to the backends whose trials were running then.

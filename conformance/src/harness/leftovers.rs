@@ -65,6 +65,17 @@ impl Ctx {
         let mut needles: Vec<Needles> = recs.iter().map(|c| self.needles(c)).collect();
         needles.extend(released);
         let roots = audit::window().roots();
+        let scopes: Vec<Scope> = recs.iter().map(|c| self.scope_of(c)).collect();
+        // The footprint's markers of every cell, searched at once: each cell's footprint check
+        // then looks only at the processes that mention one of its markers at all (what
+        // `residue::process_marker` matches is a marker occurring in the cmdline or environ).
+        let markers = audit::NeedleIndex::new(scopes.iter().enumerate().flat_map(|(i, s)| {
+            s.env_markers
+                .iter()
+                .chain(&s.footprint.process_markers)
+                .map(move |m| (i, m.as_bytes()))
+        }));
+        let no_fds = BTreeMap::new();
         let start = Instant::now();
         loop {
             let baseline = audit::window().baseline();
@@ -72,23 +83,29 @@ impl Ctx {
             let before = baseline.as_deref().unwrap_or(&after);
             let mut per_cell: BTreeMap<String, Vec<String>> = BTreeMap::new();
             let mut settling = true;
-            let procs: Vec<residue::ProcInfo> = after
-                .procs
-                .values()
-                .map(|p| residue::ProcInfo {
-                    pid: p.pid,
-                    ppid: p.ppid,
-                    state: p.state,
-                    cmdline: p.cmdline.clone(),
-                    environ: p.environ.clone(),
-                })
-                .collect();
-            for c in recs {
-                let leaks = residue::scan_procs(
-                    &self.scope_of(c),
-                    fds_before.unwrap_or(&BTreeMap::new()),
-                    procs.clone(),
-                );
+            let view = residue::HostView::with_procs(
+                after
+                    .procs
+                    .values()
+                    .map(|p| residue::ProcInfo {
+                        pid: p.pid,
+                        ppid: p.ppid,
+                        state: p.state,
+                        cmdline: p.cmdline.clone(),
+                        environ: p.environ.clone(),
+                    })
+                    .collect(),
+            );
+            let mut marked: Vec<Vec<&residue::ProcInfo>> = vec![Vec::new(); scopes.len()];
+            for p in &view.procs {
+                let mut owners = std::collections::BTreeSet::new();
+                markers.owners_in(&[&p.cmdline, &p.environ], &mut owners);
+                for i in owners {
+                    marked[i].push(p);
+                }
+            }
+            for (c, (scope, procs)) in recs.iter().zip(scopes.iter().zip(marked)) {
+                let leaks = residue::scan_in(scope, fds_before.unwrap_or(&no_fds), &view, procs);
                 for l in leaks {
                     if fds_before.is_none() && matches!(l, residue::Leak::Fd { .. }) {
                         continue;
@@ -103,12 +120,8 @@ impl Ctx {
             for (cell, l) in audit::scoped(&needles, before, &after) {
                 if let audit::Leftover::Process { .. } = &l {
                     let pid = leftover_pid(&l);
-                    if others.iter().any(|o| {
-                        after
-                            .procs
-                            .values()
-                            .any(|p| Some(p.pid) == pid && o.process_reason(p).is_some())
-                    }) {
+                    let proc_ = after.procs.values().find(|p| Some(p.pid) == pid);
+                    if proc_.is_some_and(|p| others.iter().any(|o| o.process_reason(p).is_some())) {
                         continue;
                     }
                 }
