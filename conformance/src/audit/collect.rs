@@ -53,6 +53,9 @@ pub(super) fn read_processes(
     let Ok(rd) = std::fs::read_dir("/proc") else {
         return out;
     };
+    // One buffer for every `stat`, and no `fs::read` (its size hint costs a statx per file, and
+    // procfs reports size 0 anyway): the process table is read at every look at the host.
+    let mut stat = Vec::with_capacity(512);
     for e in rd.flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
             continue;
@@ -62,10 +65,8 @@ pub(super) fn read_processes(
         }
         // A process that exits meanwhile is simply not there. Three fields of `stat` parsed
         // by hand: a full parse of every process was a large part of each snapshot.
-        let Some(st) = std::fs::read(format!("/proc/{pid}/stat"))
-            .ok()
-            .and_then(|b| stat_fields(&b))
-        else {
+        stat.clear();
+        let Some(st) = read_proc(pid, "stat", &mut stat).and_then(|_| stat_fields(&stat)) else {
             continue;
         };
         if let Some(k) = known.and_then(|k| k.get(&(pid, st.starttime))) {
@@ -77,11 +78,11 @@ pub(super) fn read_processes(
             continue;
         }
         let read = |f: &str| {
+            let mut b = Vec::new();
             if contents {
-                std::fs::read(format!("/proc/{pid}/{f}")).unwrap_or_default()
-            } else {
-                Vec::new()
+                read_proc(pid, f, &mut b);
             }
+            b
         };
         let cgroup = String::from_utf8_lossy(&read("cgroup"))
             .trim()
@@ -97,6 +98,13 @@ pub(super) fn read_processes(
         });
     }
     out
+}
+
+/// Append `/proc/<pid>/<file>` to `buf`; `None` when the process is gone (or the file unreadable).
+fn read_proc(pid: u32, file: &str, buf: &mut Vec<u8>) -> Option<()> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(format!("/proc/{pid}/{file}")).ok()?;
+    f.read_to_end(buf).ok().map(|_| ())
 }
 
 /// State, ppid and start time from `/proc/<pid>/stat`.

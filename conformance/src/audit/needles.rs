@@ -153,7 +153,8 @@ pub(super) fn scoped_by_index(
             per[i].push(Leftover::CgroupDir(d.clone()));
         }
     }
-    let named: [(&BTreeSet<String>, fn(String) -> Leftover); 3] = [
+    type Named<'s> = (&'s BTreeSet<String>, fn(String) -> Leftover);
+    let named: [Named; 3] = [
         (&after.mounts, Leftover::Mount),
         (&after.netns, Leftover::Netns),
         (&after.loops, Leftover::Loop),

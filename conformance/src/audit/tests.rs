@@ -165,7 +165,7 @@ fn the_index_finds_every_needle_once_per_owner_and_never_across_haystacks() {
 }
 
 /// The per-cell search the index replaced, written out: what `scoped` must still find.
-fn scoped_one_by_one(cells: &[Needles], before: &Snapshot, after: &Snapshot) -> Vec<String> {
+fn scoped_one_by_one(cells: &[Needles], after: &Snapshot) -> Vec<String> {
     let me = std::process::id();
     let mut out = Vec::new();
     for c in cells {
@@ -309,7 +309,7 @@ fn scoped_with_many_cells_finds_what_each_cell_alone_finds() {
         })
         .collect();
     found.sort();
-    let mut expected = scoped_one_by_one(&cells, &Snapshot::default(), &after);
+    let mut expected = scoped_one_by_one(&cells, &after);
     // The one-by-one search lists a leftover tree's contents too; scoped names its top only.
     expected.retain(|e| !e.ends_with("state.json"));
     assert_eq!(found, expected);
