@@ -206,14 +206,14 @@ pub struct HostView {
 impl HostView {
     /// The host now.
     pub fn read() -> Self {
-        Self::with_procs(processes())
+        Self::with(processes(), own_fds())
     }
 
-    /// The host now, with a process table already read.
-    pub fn with_procs(procs: Vec<ProcInfo>) -> Self {
+    /// The host now, with the process table and the harness's fds already read.
+    pub fn with(procs: Vec<ProcInfo>, fds: BTreeMap<i32, PathBuf>) -> Self {
         HostView {
             procs,
-            fds: own_fds(),
+            fds,
             mountinfo: std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default(),
         }
     }

@@ -155,18 +155,26 @@ impl Snapshot {
 
     /// [`Snapshot::take`], reusing `baseline`'s process contents (see [`processes_since`]).
     pub fn take_since(extra_roots: &[PathBuf], baseline: Option<&Snapshot>) -> Snapshot {
-        Self::take_inner(extra_roots, baseline, true)
+        Self::take_inner(extra_roots, baseline, true, true)
+    }
+
+    /// [`Snapshot::take_since`] for a per-cell check ([`scoped`]) that is not a window's end:
+    /// the shared rootfs and the backends' copies are left unrecorded (empty), as only a window
+    /// compares them and a cell's check may run many times in a trial.
+    pub fn take_scoped(extra_roots: &[PathBuf], baseline: Option<&Snapshot>) -> Snapshot {
+        Self::take_inner(extra_roots, baseline, true, false)
     }
 
     /// A baseline: processes by stat only.
     pub fn take_baseline(extra_roots: &[PathBuf]) -> Snapshot {
-        Self::take_inner(extra_roots, None, false)
+        Self::take_inner(extra_roots, None, false, true)
     }
 
     fn take_inner(
         extra_roots: &[PathBuf],
         baseline: Option<&Snapshot>,
         contents: bool,
+        with_rootfs: bool,
     ) -> Snapshot {
         let procs = read_processes(baseline.map(|b| &b.procs), contents)
             .into_iter()
@@ -187,13 +195,19 @@ impl Snapshot {
             };
             walk_files(&r, depth, &mut files, &skip);
         }
+        // Only a window compares the rootfs and the copies; a cell's own check leaves them out.
         let rootfs = crate::harness::fixtures_rootfs()
+            .filter(|_| with_rootfs)
             .map(|r| walk_tree(&r))
             .unwrap_or_default();
-        let copies = crate::roots::all()
-            .into_iter()
-            .map(|(b, c)| (b, walk_tree(&c.root)))
-            .collect();
+        let copies = if with_rootfs {
+            crate::roots::all()
+                .into_iter()
+                .map(|(b, c)| (b, walk_tree(&c.root)))
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
         Snapshot {
             rootfs,
             copies,

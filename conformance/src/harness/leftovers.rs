@@ -79,11 +79,17 @@ impl Ctx {
         let start = Instant::now();
         loop {
             let baseline = audit::window().baseline();
-            let after = audit::Snapshot::take_since(&roots, baseline.as_deref());
+            // At the trial's end (fds to compare) the look also closes the audit window, which
+            // compares the shared rootfs; a scenario's own check does not.
+            let after = if fds_before.is_some() {
+                audit::Snapshot::take_since(&roots, baseline.as_deref())
+            } else {
+                audit::Snapshot::take_scoped(&roots, baseline.as_deref())
+            };
             let before = baseline.as_deref().unwrap_or(&after);
             let mut per_cell: BTreeMap<String, Vec<String>> = BTreeMap::new();
             let mut settling = true;
-            let view = residue::HostView::with_procs(
+            let view = residue::HostView::with(
                 after
                     .procs
                     .values()
@@ -95,6 +101,7 @@ impl Ctx {
                         environ: p.environ.clone(),
                     })
                     .collect(),
+                after.fds.clone(),
             );
             let mut marked: Vec<Vec<&residue::ProcInfo>> = vec![Vec::new(); scopes.len()];
             for p in &view.procs {
