@@ -58,6 +58,7 @@ pub mod runtime;
 pub mod shim;
 
 mod exec;
+mod freezer;
 mod launch;
 mod layout;
 mod monitor;

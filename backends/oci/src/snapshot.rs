@@ -10,7 +10,7 @@ use cellcheck_contract::{
 };
 
 use crate::layout::{mkdir_private, new_file};
-use crate::{failure, invalid_state, Inner};
+use crate::{failure, freezer, invalid_state, Inner, RuntimeKind};
 
 fn snapshot_not_found(snap: &SnapshotRef) -> CellError {
     CellError::NotFound {
@@ -118,6 +118,21 @@ impl Inner {
             ));
         }
         let rt = self.rt()?;
+        // runc's own v1 freeze gives up after about 250 ms under load (see `freezer`); its
+        // resume, and v2 hosts, need no help.
+        let v1_state = (pause && self.kind == RuntimeKind::Runc)
+            .then(|| {
+                live.host_pid
+                    .and_then(|pid| freezer::v1_state_file(pid, &live.rid))
+            })
+            .flatten();
+        if let Some(state) = v1_state {
+            freezer::freeze(&state)
+                .await
+                .map_err(|e| failure(&format!("{} {verb}", self.kind.name()), e))?;
+            live.paused.store(true, Ordering::SeqCst);
+            return Ok(());
+        }
         let out = rt.run(&[verb, &live.rid]).await;
         if !out.ok {
             return Err(failure(

@@ -75,3 +75,46 @@ async fn operations_are_traced_with_the_cell_id() {
         });
     }
 }
+
+/// `runc pause` on a cgroup v1 host gives up after about 1,000 reads of `FREEZING`, thawing
+/// between tries, so a cell whose tasks wait for a CPU fails with "unable to freeze" on a loaded
+/// host. Every core is kept busy here (two spinning threads per core) while a four-process
+/// tree is paused and resumed again and again: each pause must reach the frozen state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[tracing_test::traced_test]
+async fn pause_freezes_a_tree_while_every_core_is_busy() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let Some(b) = backend(KIND).await else { return };
+    let a = id("pause-load");
+    b.create(&doc(&a, &[PROBE, "tree", "3"])).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let spinners: Vec<_> = (0..2 * cores)
+        .map(|_| {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::hint::spin_loop();
+                }
+            })
+        })
+        .collect();
+    let mut failures = Vec::new();
+    for round in 0..30 {
+        match b.pause(&a).await {
+            Ok(()) => b.resume(&a).await.unwrap(),
+            Err(e) => failures.push(format!("round {round}: {e}")),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in spinners {
+        s.join().unwrap();
+    }
+    b.destroy(&a).await.unwrap();
+    assert_no_residue(&b, &a);
+    assert!(
+        failures.is_empty(),
+        "pause failed under load: {failures:#?}"
+    );
+}
