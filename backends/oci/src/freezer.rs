@@ -12,6 +12,8 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use procfs::process::Process;
+
 /// How long a started freeze may take before the cell is thawed again and pause fails.
 const FREEZE_BOUND: Duration = Duration::from_secs(5);
 
@@ -19,40 +21,26 @@ const FREEZE_BOUND: Duration = Duration::from_secs(5);
 /// the cell's own cgroup (named after the runtime's id `rid`: a pid reused after the workload
 /// ended must not lead to someone else's cgroup).
 pub(crate) fn v1_state_file(pid: u32, rid: &str) -> Option<PathBuf> {
-    let cgroups = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let rel = freezer_path(&cgroups)?;
-    if Path::new(rel).file_name()? != rid {
+    let cgroups = Process::new(i32::try_from(pid).ok()?)
+        .ok()?
+        .cgroups()
+        .ok()?;
+    let rel = cgroups
+        .into_iter()
+        .find(|g| g.controllers.iter().any(|c| c == "freezer"))?
+        .pathname;
+    if Path::new(&rel).file_name()? != rid {
         return None;
     }
-    let (root, mountpoint) = freezer_mount(&mountinfo)?;
-    let inner = Path::new(rel).strip_prefix(root).ok()?;
-    let file = Path::new(mountpoint).join(inner).join("freezer.state");
+    let mount = Process::myself()
+        .ok()?
+        .mountinfo()
+        .ok()?
+        .into_iter()
+        .find(|m| m.fs_type == "cgroup" && m.super_options.contains_key("freezer"))?;
+    let inner = Path::new(&rel).strip_prefix(&mount.root).ok()?;
+    let file = mount.mount_point.join(inner).join("freezer.state");
     file.is_file().then_some(file)
-}
-
-/// The cgroup path of the `freezer` controller in a `/proc/<pid>/cgroup` text (v1 lines are
-/// `id:controllers:path`; the v2 line has no controllers).
-fn freezer_path(cgroups: &str) -> Option<&str> {
-    cgroups.lines().find_map(|l| {
-        let mut f = l.splitn(3, ':');
-        let (_, ctrl, path) = (f.next()?, f.next()?, f.next()?);
-        ctrl.split(',').any(|c| c == "freezer").then_some(path)
-    })
-}
-
-/// The root within the hierarchy and the mount point of a v1 cgroup mount with the freezer.
-fn freezer_mount(mountinfo: &str) -> Option<(&str, &str)> {
-    mountinfo.lines().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        let mut r = right.split(' ');
-        let (fstype, _source, opts) = (r.next()?, r.next()?, r.next()?);
-        if fstype != "cgroup" || !opts.split(',').any(|o| o == "freezer") {
-            return None;
-        }
-        let f: Vec<&str> = left.split(' ').collect();
-        Some((*f.get(3)?, *f.get(4)?))
-    })
 }
 
 /// Start the freeze and wait until the kernel says it is done; thaw again if it is not within
@@ -79,25 +67,5 @@ pub(crate) async fn freeze(state: &Path) -> Result<(), String> {
             ));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_the_freezer_line_and_mount() {
-        let cgroups = "12:pids:/x\n7:freezer:/cc-abc\n1:name=systemd:/y\n0::/\n";
-        assert_eq!(freezer_path(cgroups), Some("/cc-abc"));
-        assert_eq!(freezer_path("0::/user.slice\n"), None);
-        let mi = "30 25 0:26 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw\n\
-                  35 25 0:31 / /sys/fs/cgroup/freezer rw,nosuid shared:15 - cgroup cgroup rw,freezer\n\
-                  36 25 0:32 / /sys/fs/cgroup/cpu,cpuacct rw shared:16 - cgroup cgroup rw,cpu,cpuacct\n";
-        assert_eq!(freezer_mount(mi), Some(("/", "/sys/fs/cgroup/freezer")));
-        assert_eq!(
-            freezer_mount("30 25 0:26 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw\n"),
-            None
-        );
     }
 }
