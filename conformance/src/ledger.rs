@@ -550,11 +550,9 @@ mod tests {
         let shared = dir.path().join("shared");
         std::fs::create_dir(&shared).unwrap();
         let marker = format!("ccm-{tok}");
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env(crate::ids::MARKER_VAR, &marker)
-            .spawn()
-            .unwrap();
+        let mut child =
+            crate::residue::spawn_marked(std::process::Command::new("sleep").arg("30"), &marker)
+                .unwrap();
         let fp = Footprint {
             paths: vec![state.clone(), shared.clone()],
             ..Footprint::default()
@@ -601,11 +599,9 @@ mod tests {
             .arg("30")
             .spawn()
             .unwrap();
-        let mut workload = std::process::Command::new("sleep")
-            .arg("30")
-            .env(crate::ids::MARKER_VAR, &marker)
-            .spawn()
-            .unwrap();
+        let mut workload =
+            crate::residue::spawn_marked(std::process::Command::new("sleep").arg("30"), &marker)
+                .unwrap();
         let mut e = Entry::new(
             &cell,
             "b",

@@ -177,6 +177,36 @@ pub fn process_marker(
     None
 }
 
+/// Spawns `cmd` with `CELLCHECK_MARKER=<marker>` and returns once the child shows the marker in
+/// `/proc/<pid>/environ`. `spawn` returns as soon as the kernel has swapped in the new program's
+/// memory, a moment before exec fills in its argv and environ; a scan of /proc in that window
+/// reads both empty and misses the process, so whoever scans right after spawning waits for this
+/// state instead. Bounded: a child that never shows it (killed, or exec'd something that clears
+/// its env) is killed, reaped and reported.
+pub fn spawn_marked(
+    cmd: &mut std::process::Command,
+    marker: &str,
+) -> std::io::Result<std::process::Child> {
+    let mut child = cmd.env(MARKER_VAR, marker).spawn()?;
+    let needle = format!("{MARKER_VAR}={marker}\0");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let env = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap_or_default();
+        if contains(&env, needle.as_bytes()) {
+            return Ok(child);
+        }
+        if std::time::Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::other(format!(
+                "pid {} never showed {MARKER_VAR}={marker} in its environ",
+                child.id()
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
 /// Processes carrying one of the scope's markers.
 pub fn marked_processes(
     env_markers: &[String],
@@ -376,6 +406,22 @@ mod tests {
         assert_eq!(process_marker(&p, &[], &["".into()]), None);
     }
 
+    /// `spawn` returns before exec has filled in the child's environ: under load, a scan right
+    /// after a plain spawn read it empty now and then. After `spawn_marked`, never.
+    #[test]
+    fn a_marked_child_shows_its_marker_as_soon_as_spawn_marked_returns() {
+        let marker = format!("ccm-test-{}", crate::ids::random_token(12));
+        let needle = format!("{MARKER_VAR}={marker}\0");
+        for _ in 0..200 {
+            let mut child =
+                spawn_marked(std::process::Command::new("sleep").arg("30"), &marker).unwrap();
+            let env = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap();
+            child.kill().unwrap();
+            child.wait().unwrap();
+            assert!(contains(&env, needle.as_bytes()), "pid {}", child.id());
+        }
+    }
+
     #[test]
     fn scan_finds_a_marked_child_process_paths_and_fds_then_nothing() {
         let marker = format!("ccm-test-{}", crate::ids::random_token(12));
@@ -384,11 +430,8 @@ mod tests {
         std::fs::write(&leftover, b"x").unwrap();
         let before = own_fds();
         let file = std::fs::File::open(&leftover).unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("30")
-            .env(MARKER_VAR, &marker)
-            .spawn()
-            .unwrap();
+        let mut child =
+            spawn_marked(std::process::Command::new("sleep").arg("30"), &marker).unwrap();
         let scope = Scope {
             cell: "c".into(),
             env_markers: vec![marker.clone()],

@@ -21,17 +21,11 @@ fn names_mentioning_a_cell_are_found_everywhere_else_ignored() {
     std::fs::write(mine.join("inner"), b"x").unwrap();
     let other = dir.path().join("someone-else");
     std::fs::write(&other, b"x").unwrap();
-    let mut child = std::process::Command::new("sleep")
-        .arg("30")
-        .env(MARKER_VAR, format!("ccm-{tok}"))
-        .spawn()
-        .unwrap();
-    // Until it has exec'd, the child is a copy of this process without the marker.
-    while !std::fs::read(format!("/proc/{}/cmdline", child.id()))
-        .is_ok_and(|c| c.starts_with(b"sleep\0"))
-    {
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
+    let mut child = crate::residue::spawn_marked(
+        std::process::Command::new("sleep").arg("30"),
+        &format!("ccm-{tok}"),
+    )
+    .unwrap();
     let after = Snapshot::take(&[dir.path().to_path_buf()]);
     let n = needles(&cell, &format!("ccm-{tok}"));
     let found = scoped(std::slice::from_ref(&n), &before, &after);

@@ -11,7 +11,7 @@ use cellcheck_contract::{
 };
 
 use super::{Fault, FaultyBackend};
-use crate::ids::{canary, declared_marker, MARKER_VAR};
+use crate::ids::{canary, declared_marker};
 
 #[async_trait]
 impl Backend for FaultyBackend {
@@ -71,15 +71,18 @@ impl Backend for FaultyBackend {
         match self.fault {
             Fault::LeakProcess => {
                 let marker = declared_marker(doc).unwrap_or_else(|| id.clone());
-                let child = Command::new("sleep")
-                    .arg("3600")
-                    .env_clear()
-                    .env(MARKER_VAR, marker)
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .map_err(|e| CellError::failure(format!("faulty: spawn leak: {e}")))?;
+                // Marked and visible as such before create returns, so the leak is there to
+                // find however soon the audit looks.
+                let child = crate::residue::spawn_marked(
+                    Command::new("sleep")
+                        .arg("3600")
+                        .env_clear()
+                        .stdin(Stdio::null())
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null()),
+                    &marker,
+                )
+                .map_err(|e| CellError::failure(format!("faulty: spawn leak: {e}")))?;
                 self.leaked.lock().unwrap().push(child);
             }
             Fault::SkipCgroupRemoval => {
