@@ -32,7 +32,12 @@ async fn host_over_the_protocol() {
     let doc = CellDocument::new(&id, ["/bin/sleep", "30"]).with_env("K", "v w");
     let fp = b.footprint(&id);
     let h = b.create(&doc).await.unwrap();
-    let environ = std::fs::read(format!("/proc/{}/environ", h.host_pid.unwrap())).unwrap();
+    let pid = h.host_pid.unwrap();
+    assert!(cellcheck_fixtures::await_exec_settled(
+        pid,
+        std::time::Duration::from_secs(10)
+    ));
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert_eq!(environ, b"K=v w\0");
     let r = b
         .exec(

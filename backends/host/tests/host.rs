@@ -108,6 +108,12 @@ async fn env_is_exactly_the_declared_set() {
     let id = d.spec.id.clone();
     let h = b.create(&d).await.unwrap();
     let pid = h.host_pid.expect("host pid");
+    // Create returns once the workload's exec is past its point of no return; its environ is
+    // laid out a moment later.
+    assert!(cellcheck_fixtures::await_exec_settled(
+        pid,
+        std::time::Duration::from_secs(10)
+    ));
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert_eq!(environ, b"ZED=last=first\0A=\0SECRET=s3cr3t value\0");
     // No host process has the secret on its command line.

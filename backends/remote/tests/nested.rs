@@ -45,6 +45,10 @@ async fn nested_lifecycle_sees_through_both_layers() {
     ));
     // The pid the inner backend reports is translated to the host's.
     let pid = h.host_pid.expect("host pid translated");
+    assert!(cellcheck_fixtures::await_exec_settled(
+        pid,
+        std::time::Duration::from_secs(10)
+    ));
     let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert_eq!(environ, format!("NESTED_MARK={id}\0").into_bytes());
     let existing: Vec<_> = fp.cgroup_dirs.iter().filter(|d| d.exists()).collect();

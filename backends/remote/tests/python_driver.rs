@@ -82,7 +82,12 @@ async fn python_driver_lifecycle_exit_and_spec() {
         .with_env("A", "1")
         .with_env("B", "two words=x");
     let h = b.create(&doc).await.unwrap();
-    let environ = std::fs::read(format!("/proc/{}/environ", h.host_pid.unwrap())).unwrap();
+    let pid = h.host_pid.unwrap();
+    assert!(cellcheck_fixtures::await_exec_settled(
+        pid,
+        std::time::Duration::from_secs(10)
+    ));
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
     assert_eq!(environ, b"A=1\0B=two words=x\0".to_vec());
     let r = b
         .exec(
