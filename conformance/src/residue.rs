@@ -177,34 +177,24 @@ pub fn process_marker(
     None
 }
 
-/// Spawns `cmd` with `CELLCHECK_MARKER=<marker>` and returns once the child shows the marker in
-/// `/proc/<pid>/environ`. `spawn` returns as soon as the kernel has swapped in the new program's
-/// memory, a moment before exec fills in its argv and environ; a scan of /proc in that window
-/// reads both empty and misses the process, so whoever scans right after spawning waits for this
-/// state instead. Bounded: a child that never shows it (killed, or exec'd something that clears
-/// its env) is killed, reaped and reported.
+/// Spawns `cmd` with `CELLCHECK_MARKER=<marker>` and returns once the child's exec has laid out
+/// its environ ([`cellcheck_fixtures::await_exec_settled`]): `spawn` returns a moment before that,
+/// and a scan of /proc in that window reads the environ empty and misses the process. Bounded: a
+/// child that ends first or never settles is killed, reaped and reported.
 pub fn spawn_marked(
     cmd: &mut std::process::Command,
     marker: &str,
 ) -> std::io::Result<std::process::Child> {
     let mut child = cmd.env(MARKER_VAR, marker).spawn()?;
-    let needle = format!("{MARKER_VAR}={marker}\0");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let env = std::fs::read(format!("/proc/{}/environ", child.id())).unwrap_or_default();
-        if contains(&env, needle.as_bytes()) {
-            return Ok(child);
-        }
-        if std::time::Instant::now() > deadline || !matches!(child.try_wait(), Ok(None)) {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(std::io::Error::other(format!(
-                "pid {} never showed {MARKER_VAR}={marker} in its environ",
-                child.id()
-            )));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(1));
+    if cellcheck_fixtures::await_exec_settled(child.id(), std::time::Duration::from_secs(10)) {
+        return Ok(child);
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err(std::io::Error::other(format!(
+        "pid {} with {MARKER_VAR}={marker} never finished its exec",
+        child.id()
+    )))
 }
 
 /// Processes carrying one of the scope's markers.
