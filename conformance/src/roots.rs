@@ -4,7 +4,7 @@
 //! missing working directory before it makes the root read-only). Were the built rootfs shared by
 //! every backend and every test process, a change in it could not be pinned on anyone. So each
 //! harness process hands each backend it builds from fixtures its own copy,
-//! `<fixtures>/roots/<pid>-<start time>/<backend>/`, made the first time that backend is built in
+//! `<fixtures>/roots/<pid>-<start time>/<backend>/` (or under the directory [`DIR_VAR`] names), made the first time that backend is built in
 //! the process. Nobody else runs cells in that copy, so any change in it is that backend's (see
 //! the audit's window).
 //!
@@ -38,9 +38,17 @@ fn copies() -> std::sync::MutexGuard<'static, BTreeMap<String, Copy>> {
     COPIES.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Where every process's copies are.
+/// The variable naming another directory of copies. A test that kills a harness and checks that
+/// the next run recovers its copies points both runs at a directory of its own: in the shared
+/// one, any other test process starting at that moment may recover them first.
+pub const DIR_VAR: &str = "CELLCHECK_ROOTS_DIR";
+
+/// Where every process's copies are: `CELLCHECK_ROOTS_DIR`, else `<fixtures>/roots`.
 pub fn dir() -> PathBuf {
-    cellcheck_fixtures::fixtures_dir().join("roots")
+    std::env::var_os(DIR_VAR)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cellcheck_fixtures::fixtures_dir().join("roots"))
 }
 
 /// This process's directory of copies.

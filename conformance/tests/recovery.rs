@@ -151,11 +151,15 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
     let ledger_dir = dir.path().join("ledger");
     let results = dir.path().join("results.jsonl");
     let audit_file = dir.path().join("audit.jsonl");
+    // Both runs keep their rootfs copies here, not in the shared directory: there, any other test
+    // process starting after the kill would recover the killed run's copies before the rerun.
+    let roots_dir = dir.path().join("roots");
     let me = std::env::current_exe().map_err(|e| e.to_string())?;
 
     let mut child = Command::new(&me)
         .env(ROLE, "hold")
         .env("CELLCHECK_LEDGER_DIR", &ledger_dir)
+        .env(roots::DIR_VAR, &roots_dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
@@ -166,7 +170,7 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
         child.id(),
         audit::start_time(child.id()).unwrap_or_default()
     );
-    let copies = roots::dir().join(&owner);
+    let copies = roots_dir.join(&owner);
     let (tx, rx) = std::sync::mpsc::channel();
     let out = child.stdout.take().unwrap();
     std::thread::spawn(move || {
@@ -234,6 +238,7 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
             .arg("exit::code_0")
             .env(ROLE, "rerun")
             .env("CELLCHECK_LEDGER_DIR", &ledger_dir)
+            .env(roots::DIR_VAR, &roots_dir)
             .env("CELLCHECK_RESULTS", &results)
             .env_remove("CELLCHECK_BACKENDS")
             .output()
