@@ -407,42 +407,83 @@ fn recover(e: &Entry, backend: Option<std::sync::Arc<dyn Backend>>) -> Recovered
             Err(err) => r.errors.push(format!("rmdir {}: {err}", d.display())),
         }
     }
+    // The dead instance's cgroup parents (`cellcheck/<instance>/`) go with its last cell, also
+    // when the cell's own dirs were already gone.
+    for d in e
+        .footprint
+        .cgroup_dirs
+        .iter()
+        .filter(|d| e.owns(&d.to_string_lossy()))
+    {
+        for p in remove_empty_cgroup_parents(d) {
+            r.removed
+                .push(format!("removed empty cgroup dir {}", p.display()));
+        }
+    }
     for p in e
         .footprint
         .paths
         .iter()
         .filter(|p| e.owns(&p.to_string_lossy()))
     {
-        let Ok(m) = p.symlink_metadata() else {
-            continue;
-        };
-        let res = if m.is_dir() {
-            std::fs::remove_dir_all(p)
-        } else {
-            std::fs::remove_file(p)
-        };
-        match res {
-            Ok(()) => {
-                r.removed.push(format!("removed path {}", p.display()));
-                for d in remove_empty_parents(p) {
-                    r.removed.push(format!("removed empty dir {}", d.display()));
+        // A path already gone (its backend removed it before the kill) still has parents a dead
+        // instance made for it.
+        if let Ok(m) = p.symlink_metadata() {
+            let res = if m.is_dir() {
+                std::fs::remove_dir_all(p)
+            } else {
+                std::fs::remove_file(p)
+            };
+            match res {
+                Ok(()) => r.removed.push(format!("removed path {}", p.display())),
+                Err(err) => {
+                    r.errors.push(format!("remove {}: {err}", p.display()));
+                    continue;
                 }
             }
-            Err(err) => r.errors.push(format!("remove {}: {err}", p.display())),
+        }
+        for d in remove_empty_parents(p) {
+            r.removed.push(format!("removed empty dir {}", d.display()));
         }
     }
     r
 }
 
+/// Remove the now empty parents of a cell's cgroup dir (a dead instance's dir, then the shared
+/// `cellcheck/` parent once nobody uses it), at most two levels up and never a hierarchy's root:
+/// `rmdir` refuses a cgroup with children or tasks, and the backends walk again when a shared
+/// parent vanishes under their mkdir.
+fn remove_empty_cgroup_parents(d: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let dev = |p: &Path| std::fs::metadata(p).map(|m| m.dev()).ok();
+    let mut out = Vec::new();
+    let mut cur = d.parent();
+    for _ in 0..2 {
+        let Some(p) = cur else { break };
+        // A hierarchy's root is a mount point: its device differs from its parent's.
+        let root = match (dev(p), p.parent().and_then(dev)) {
+            (Some(a), Some(b)) => a != b,
+            _ => true,
+        };
+        if root || std::fs::remove_dir(p).is_err() {
+            break;
+        }
+        out.push(p.to_path_buf());
+        cur = p.parent();
+    }
+    out
+}
+
 /// Remove the now empty parents of a removed path (a dead instance's `bundles/`, then its
-/// root), at most two levels up and never a file area (`/run`) or a direct child of one
+/// root, then a backend's shared base such as `/run/cellcheck/nested` once nobody uses it), at
+/// most three levels up and never a file area (`/run`) or a direct child of one
 /// (`/run/cellcheck`, which other runs share). `rmdir` refuses a dir that is not empty, so a
 /// dir still in use is never removed.
 fn remove_empty_parents(p: &Path) -> Vec<PathBuf> {
     let areas: Vec<PathBuf> = audit::file_roots(&[]);
     let mut out = Vec::new();
     let mut cur = p.parent();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let Some(d) = cur else { break };
         let protected = d.parent().is_none()
             || areas
@@ -539,6 +580,41 @@ pub fn describe(r: &Recovered) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A dead instance's empty cgroup dir goes, a parent another instance still uses stays, and
+    /// the last instance's removal takes the shared parent too, never the hierarchy's root.
+    #[test]
+    fn empty_cgroup_parents_go_up_to_the_hierarchy_root() {
+        let mounts = procfs::process::Process::myself()
+            .and_then(|p| p.mountinfo())
+            .expect("mountinfo");
+        let root = mounts
+            .into_iter()
+            .find(|m| matches!(m.fs_type.as_str(), "cgroup" | "cgroup2"))
+            .map(|m| m.mount_point)
+            .expect("a mounted cgroup hierarchy");
+        let shared = root.join(format!("cc-unit-{}", crate::ids::random_token(8)));
+        let (a, b) = (shared.join("inst-a"), shared.join("inst-b"));
+        for d in [&a, &b] {
+            std::fs::create_dir_all(d).unwrap_or_else(|e| panic!("mkdir {}: {e}", d.display()));
+        }
+        let first = remove_empty_cgroup_parents(&a.join("cell"));
+        let second = remove_empty_cgroup_parents(&b.join("cell"));
+        let left = [&b, &shared].map(|d| d.exists());
+        let _ = std::fs::remove_dir(&b);
+        let _ = std::fs::remove_dir(&shared);
+        assert_eq!(first, vec![a.clone()]);
+        assert_eq!(left, [false, false]);
+        assert_eq!(second, vec![b.clone(), shared.clone()]);
+        assert!(root.is_dir());
+        // Directly under the root: one level, then the root stops the walk.
+        std::fs::create_dir(&shared).unwrap();
+        assert_eq!(
+            remove_empty_cgroup_parents(&shared.join("cell")),
+            vec![shared.clone()]
+        );
+        assert!(root.is_dir());
+    }
 
     #[test]
     fn an_entry_of_a_dead_harness_is_recovered_and_a_live_one_is_kept() {
