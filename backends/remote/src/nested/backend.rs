@@ -26,7 +26,7 @@ impl Backend for NestedBackend {
 
     async fn preflight(&self) -> Availability {
         // The outer backend's own trial cell gets our binds too, so their sources must exist.
-        if let Err(e) = fs::create_dir_all(self.inner.root.join("sock")) {
+        if let Err(e) = make_dirs(&self.inner.root.join("sock")) {
             return Availability::Unavailable {
                 reason: format!("create {}: {e}", self.inner.root.display()),
             };
@@ -155,6 +155,10 @@ impl Backend for NestedBackend {
         let mut f = merge(self.inner_footprint(id), self.outer().footprint(&outer_id));
         f.paths.push(self.socket(&outer_id));
         f.paths.push(self.inner.root.join("state").join(&outer_id));
+        // The outer layer's things are named by the outer id, not the inner one (its cgroups,
+        // its socket, the driver's command line): without it, a recovery after a killed harness
+        // could not tell them from a shared parent and would leave them.
+        f.process_markers.push(outer_id);
         f
     }
 

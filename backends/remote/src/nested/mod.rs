@@ -47,6 +47,9 @@ use crate::RemoteOptions;
 
 mod backend;
 
+/// Where each nested instance keeps its sockets and inner state (`<base>/<instance>`).
+pub const STATE_BASE: &str = "/run/cellcheck/nested";
+
 const FIXTURES_IN_CELL: &str = "/run/fixtures";
 const NEST_IN_CELL: &str = "/run/nest";
 
@@ -210,7 +213,7 @@ impl NestedBackend {
             std::process::id(),
             rand::random::<u32>() >> 8
         );
-        let root = PathBuf::from("/run/cellcheck/nested").join(&instance);
+        let root = PathBuf::from(STATE_BASE).join(&instance);
         let mut cfg = HostConfig::from_fixtures(fx);
         cfg.name = "nested-outer".into();
         // The outer cell runs the inner backend, which needs mounts, namespaces and cgroups; the
@@ -341,8 +344,7 @@ impl NestedBackend {
         let sock_dir = self.inner.root.join("sock");
         let state_dir = self.inner.root.join("state").join(outer_id);
         for d in [&sock_dir, &state_dir] {
-            fs::create_dir_all(d)
-                .map_err(|e| CellError::failure(format!("create {}: {e}", d.display())))?;
+            make_dirs(d).map_err(|e| CellError::failure(format!("create {}: {e}", d.display())))?;
         }
         let sock = self.socket(outer_id);
         let _ = fs::remove_file(&sock);
@@ -504,6 +506,20 @@ fn inner_config(outer_id: &str) -> HostConfig {
 /// The inner footprint as the inner backend computes it (paths inside the outer cell).
 fn inner_footprint_in_cell(outer_id: &str, id: &str) -> Footprint {
     HostBackend::new(inner_config(outer_id)).footprint(id)
+}
+
+/// `create_dir_all`, walking again when a parent vanished on the way: the shared base
+/// ([`STATE_BASE`]) is removed by whichever instance (or recovery) finds it empty, in any process,
+/// so it may go between our mkdir of it and of the dir below it.
+fn make_dirs(d: &Path) -> std::io::Result<()> {
+    const MAX_WALKS: u32 = 1000;
+    let mut walks = 1;
+    loop {
+        match fs::create_dir_all(d) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && walks < MAX_WALKS => walks += 1,
+            r => return r,
+        }
+    }
 }
 
 fn merge(mut a: Footprint, b: Footprint) -> Footprint {
