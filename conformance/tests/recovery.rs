@@ -2,8 +2,11 @@
 //! in the ledger, remove them and say what it removed.
 //!
 //! The test runs this binary twice as a child: first in the `hold` role (creates cells on the
-//! host and runc backends, one of each paused, then waits), which it SIGKILLs; then in the
-//! `rerun` role, a normal suite run of one scenario per backend. Both share a private ledger.
+//! host, runc and nested backends, one of each paused where the backend can pause, then waits),
+//! which it SIGKILLs; then in the `rerun` role, a normal suite run of one scenario per backend.
+//! Both share a private ledger and directory of rootfs copies. After the rerun nothing of the
+//! killed run is left: not its cells, and not what its backend instances made for all their cells
+//! (a host instance's cgroup parents, a nested instance's socket and state dirs).
 //!
 //! A second test runs the spec family's property test on the host backend behind a witness that
 //! looks for each cell's ledger entry while the cell lives: a killed property run must leave a
@@ -43,6 +46,10 @@ fn runc(fx: &cellcheck_fixtures::Fixtures) -> Arc<dyn Backend> {
     ))
 }
 
+fn nested(fx: &cellcheck_fixtures::Fixtures) -> Arc<dyn Backend> {
+    cellcheck_remote::nested::NestedBackend::for_suite(fx)
+}
+
 /// Create two cells per backend (one paused where the backend can pause), print them, wait.
 fn hold() -> ExitCode {
     ids::canary();
@@ -50,7 +57,14 @@ fn hold() -> ExitCode {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     // Each in its private rootfs copy, as the suite builds them: the kill leaves the copies too.
     let fx_for = |name| roots::fixtures_for(name, &fx).expect("a private rootfs copy");
-    for b in [host(&fx_for("host")), runc(&fx_for("runc"))] {
+    // Backends and contexts stay alive until the kill: dropping either would destroy the cells
+    // (a host backend tears down its cells when dropped), and the kill would find none live.
+    let mut keep = Vec::new();
+    for b in [
+        host(&fx_for("host")),
+        runc(&fx_for("runc")),
+        nested(&fx_for("nested")),
+    ] {
         if let Availability::Unavailable { reason } = rt.block_on(b.preflight()) {
             eprintln!("{} unavailable: {reason}", b.name());
             return ExitCode::FAILURE;
@@ -79,6 +93,7 @@ fn hold() -> ExitCode {
             };
             println!("{}", serde_json::to_string(&held).unwrap());
         }
+        keep.push((b, ctx));
     }
     println!("ready");
     loop {
@@ -95,6 +110,7 @@ fn rerun() -> ExitCode {
     Suite::new()
         .backend_with_fixtures("host", host)
         .backend_with_fixtures("runc", runc)
+        .backend_with_fixtures("nested", nested)
         .with_scenarios(scenarios)
         .run_from_args()
 }
@@ -131,6 +147,42 @@ fn remains(h: &Held) -> Vec<String> {
             .filter(|d| d.to_string_lossy().contains(&h.id))
             .map(|d| format!("cgroup dir {}", d.display())),
     );
+    out
+}
+
+/// What backend instances of process `pid` made beside their cells, still on the host: host
+/// instances' cgroup parents (`cellcheck/<pid>-<hex>`) and state roots, nested instances' dirs
+/// (`/run/cellcheck/nested/nest<pid>-<hex>`).
+fn instance_leftovers(pid: u32) -> Vec<String> {
+    let host = format!("{pid}-");
+    let nest = format!("nest{pid}-");
+    let mut out: Vec<String> = audit::cgroup_dirs()
+        .into_iter()
+        .filter(|d| {
+            d.components().any(|c| {
+                let c = c.as_os_str().to_string_lossy();
+                c.starts_with(&host) || c.starts_with(&nest)
+            })
+        })
+        .map(|d| format!("cgroup dir {}", d.display()))
+        .collect();
+    for base in [
+        cellcheck_remote::nested::STATE_BASE,
+        cellcheck_host::DEFAULT_STATE_BASE,
+    ] {
+        let Ok(rd) = std::fs::read_dir(base) else {
+            continue;
+        };
+        out.extend(
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    let n = p.file_name().unwrap_or_default().to_string_lossy();
+                    n.starts_with(&host) || n.starts_with(&nest)
+                })
+                .map(|p| format!("{}", p.display())),
+        );
+    }
     out
 }
 
@@ -208,7 +260,7 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
                 held.len()
             ));
         }
-        for b in ["host", "runc"] {
+        for b in ["host", "runc", "nested"] {
             if !copies.join(b).join("bin/busybox").is_file() {
                 return Err(format!("no rootfs copy of {b} in {}", copies.display()));
             }
@@ -266,7 +318,7 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
             }
         }
         // The killed run's rootfs copies: removed by the rerun's start, and said.
-        for b in ["host", "runc"] {
+        for b in ["host", "runc", "nested"] {
             let said =
                 format!("recovered the private rootfs copy of backend {b} (left by run {owner})");
             if !stderr.contains(&said) {
@@ -276,6 +328,12 @@ fn sigkill_then_rerun() -> Result<(), Failed> {
         if copies.exists() {
             problems.push(format!("{} left after recovery", copies.display()));
         }
+        // What the killed run's backend instances made for all their cells (named by its pid).
+        problems.extend(
+            instance_leftovers(child.id())
+                .into_iter()
+                .map(|l| format!("{l} left after recovery")),
+        );
         for h in &held {
             let after = remains(h);
             if !after.is_empty() {
